@@ -1,0 +1,287 @@
+"""DreamBooth (Ruiz et al., "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for
+Subject-Driven Generation", CVPR 2023), the whole method in one file.
+
+Given 3-5 photos of a subject, fine-tune every UNet weight of a text-to-image model so that
+"a photo of [V] dog" draws *this* dog, while "a photo of a dog" still draws any dog:
+
+  1. A rare-token identifier [V] (section 3.2): a short token with little prior meaning, so the
+     model can bind the subject to it without unlearning a word it knows.
+  2. Prompts: "a photo of [V] dog" for the subject, "a photo of dog" for its class (section 3.2).
+  3. Autogenous class images (section 3.3): the FROZEN model's own samples of the class prompt.
+  4. The data: the subject's photos, each paired with a class image.
+  5. The class-specific prior-preservation loss (Eq. 2): the usual denoising loss on the subject,
+     plus lambda times the same loss on the class images, which keeps the class prior (and the
+     diversity of its samples) from drifting towards the subject ("language drift").
+
+train.py turns these parts into a command-line trainer (optimizer, mixed precision, checkpoints).
+"""
+import random
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import sample
+
+# ----------------------------------------------------------------------------------------------
+# 1. The rare-token identifier (section 3.2)
+#
+# The paper looks up rare tokens in the vocabulary and de-tokenizes them: a random letter string
+# such as "xxy5syt00" is split into letters that each carry a strong prior, and a real word
+# keeps its meaning. For CLIP's byte-level BPE, a token is rare when its merge was learned late
+# (merges are learned most-frequent first), so we sample among whole-word tokens of at most three
+# letters whose merge rank is high. Community practice ("sks") is such a token too, but a chosen
+# one: it is a rifle's name, and that prior leaks into images.
+
+RARE_MERGE_RANKS = (40000, 48894)  # the last fifth of CLIP's 48894 merges
+
+
+def rare_token_candidates(tokenizer, merge_ranks=RARE_MERGE_RANKS, max_letters=3):
+    """Whole-word vocabulary tokens (ending in </w>) of 1..max_letters ASCII letters whose BPE
+    merge rank lies in merge_ranks, rarest last."""
+    low, high = merge_ranks
+    candidates = []
+    for token in tokenizer.vocab:
+        word = token.removesuffix("</w>")
+        rank = tokenizer.merge_rank(token)
+        if (token.endswith("</w>") and word.isascii() and word.isalpha() and len(word) <= max_letters
+                and rank is not None and low <= rank <= high):
+            candidates.append((rank, word))
+    return [word for _, word in sorted(candidates)]
+
+
+def choose_identifier(tokenizer, class_noun, *, seed=0, num_tokens=1, merge_ranks=RARE_MERGE_RANKS):
+    """Sample `num_tokens` rare tokens (seeded, so a run is repeatable) and join them into [V]."""
+    candidates = [w for w in rare_token_candidates(tokenizer, merge_ranks) if w not in class_noun.lower().split()]
+    if len(candidates) < num_tokens:
+        raise ValueError(f"only {len(candidates)} rare tokens in merge ranks {merge_ranks}: widen the range")
+    identifier = " ".join(random.Random(seed).sample(candidates, num_tokens))
+    check_identifier(tokenizer, identifier, class_noun)
+    return identifier
+
+
+def check_identifier(tokenizer, identifier, class_noun, template="a photo of {identifier} {class_noun}"):
+    """The identifier must reach the model as its own tokens: the prompt must tokenize to the
+    identifier's tokens followed by the class noun's, and the two must differ. Returns the
+    identifier's token ids."""
+    def pieces(text):
+        return tokenizer.encode(text)[1:-1]  # without the start and end tokens
+    identifier_ids, class_ids = pieces(identifier), pieces(class_noun)
+    prompt_ids = pieces(template.format(identifier=identifier, class_noun=class_noun))
+    if not identifier_ids or identifier_ids == class_ids or set(identifier_ids) <= set(class_ids):
+        raise ValueError(f"identifier {identifier!r} is empty or is the class noun {class_noun!r}; "
+                         "pick a short rare word (or leave --identifier out to draw one)")
+    n = len(identifier_ids)
+    if not any(prompt_ids[i:i + n] == identifier_ids and prompt_ids[i + n:i + n + len(class_ids)] == class_ids
+               for i in range(len(prompt_ids))):
+        raise ValueError(f"identifier {identifier!r} does not keep its tokens inside the prompt "
+                         f"{template.format(identifier=identifier, class_noun=class_noun)!r}; "
+                         "use letters only, separated from the class noun by a space")
+    return identifier_ids
+
+
+def warn_if_common(tokenizer, identifier, merge_ranks=RARE_MERGE_RANKS):
+    """A user-chosen identifier may carry a prior of its own: say so when it is not rare."""
+    ranks = [tokenizer.merge_rank(tokenizer.id_to_token(i)) for i in tokenizer.encode(identifier)[1:-1]]
+    common = [r for r in ranks if r is None or r < merge_ranks[0]]
+    note = f"is made of frequent tokens (merge ranks {ranks})" if common else "is a chosen word"
+    print(f"note: identifier {identifier!r} {note}; it may carry a meaning of its own that leaks "
+          "into images (e.g. 'sks' is a rifle). Leave --identifier out to draw a rare token.", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Prompts (section 3.2): "a [identifier] [class noun]". The class noun ties the subject to
+# the model's prior of its class (Table 4: a wrong or missing class noun hurts fidelity).
+
+INSTANCE_TEMPLATE = "a photo of {identifier} {class_noun}"
+CLASS_TEMPLATE = "a photo of {class_noun}"
+
+
+def make_prompts(identifier, class_noun, instance_template=INSTANCE_TEMPLATE, class_template=CLASS_TEMPLATE):
+    return (instance_template.format(identifier=identifier, class_noun=class_noun),
+            class_template.format(identifier=identifier, class_noun=class_noun))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Autogenous class images (section 3.3): the frozen model's samples of the class prompt,
+# generated once with the project's one sampler and cached in a folder. Only the shortfall is
+# generated; image i always comes from seed + i, so an interrupted run resumes where it stopped.
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def readable_image(path):
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
+def ensure_class_images(pipeline, class_dir, class_prompt, num_images, *, seed=0, batch_size=4,
+                        progress=True, **sampler_args):
+    """Make class_dir hold num_images readable images of class_prompt and return their paths.
+    Unreadable files (an interrupted write, a corrupt download) are replaced, not fatal.
+    sampler_args go to sample.generate (steps, scheduler, guidance_scale, mixed_precision, ...)."""
+    class_dir = Path(class_dir)
+    class_dir.mkdir(parents=True, exist_ok=True)
+    for path in sorted(class_dir.iterdir()):
+        if path.suffix.lower() in IMAGE_SUFFIXES and not readable_image(path):
+            print(f"replacing unreadable class image {path}", file=sys.stderr)
+            path.unlink()
+    names = {p.name for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    # image i is class-{i:05d}.png; images the user put there count too
+    missing = [i for i in range(num_images) if f"class-{i:05d}.png" not in names]
+    shortfall = max(0, num_images - len(names))
+    todo = missing[:shortfall]
+    if todo:
+        print(f"generating {len(todo)} class images of {class_prompt!r} in {class_dir}", file=sys.stderr)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        # generate() seeds image k of a call with seed + k: keep each call to consecutive indices
+        runs = [[chunk[0]]]
+        for i in chunk[1:]:
+            (runs[-1].append(i) if i == runs[-1][-1] + 1 else runs.append([i]))
+        for run in runs:
+            images = sample.generate(pipeline, [class_prompt] * len(run), seed=seed + run[0],
+                                     batch_size=batch_size, progress=False, **sampler_args)
+            for i, image in zip(run, images):
+                tmp = class_dir / f".class-{i:05d}.png.tmp"
+                image.save(tmp, format="PNG")
+                tmp.replace(class_dir / f"class-{i:05d}.png")  # never a half-written image
+    return sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:num_images]
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The data: the subject's photos and the class images, as tensors in [-1, 1].
+
+
+def load_image(path, resolution, *, center_crop=True, rng=None):
+    """Read an image the way a photo is meant to be seen (EXIF orientation applied; alpha,
+    grey and palette images made RGB on white), resize its shorter side to `resolution` and crop
+    a square (centre, or random with `rng`). Returns [3, resolution, resolution] in [-1, 1]."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            image = Image.new("RGB", rgba.size, (255, 255, 255))
+            image.paste(rgba, mask=rgba.getchannel("A"))
+        image = image.convert("RGB")
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.BICUBIC)
+    if center_crop:
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    else:
+        rng = rng or random
+        left, top = rng.randint(0, image.width - resolution), rng.randint(0, image.height - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    return pixels / 127.5 - 1
+
+
+def list_images(folder, what="instance"):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} folder {folder} does not exist")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"{what} folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
+class DreamBoothData:
+    """Instance images paired one to one with class images, as in the paper's training batches:
+    item k is (instance image k mod N, class image k mod M). flip: random horizontal flips."""
+
+    def __init__(self, instance_paths, class_paths, resolution, *, center_crop=True, flip=False):
+        self.instance_paths, self.class_paths = list(instance_paths), list(class_paths)
+        self.resolution, self.center_crop, self.flip = resolution, center_crop, flip
+
+    def __len__(self):
+        return max(len(self.instance_paths), len(self.class_paths))
+
+    def _image(self, path, rng):
+        image = load_image(path, self.resolution, center_crop=self.center_crop, rng=rng)
+        return image.flip(-1) if self.flip and rng.random() < 0.5 else image
+
+    def batch(self, indices, rng):
+        """(instance images [B,3,H,W], class images [B,3,H,W] or None) for item indices."""
+        instance = torch.stack([self._image(self.instance_paths[k % len(self.instance_paths)], rng) for k in indices])
+        if not self.class_paths:
+            return instance, None
+        return instance, torch.stack([self._image(self.class_paths[k % len(self.class_paths)], rng) for k in indices])
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The loss (Eq. 2)
+#
+#   E[ w_t || x^(a_t x + s_t e, c) - x ||^2  +  lambda w_t' || x^(a_t' x_pr + s_t' e', c_pr) - x_pr ||^2 ]
+#
+# written, as Stable Diffusion is trained, as a noise (or velocity) prediction loss on VAE latents:
+# the first term fits the subject's latents under "a photo of [V] dog", the second the class
+# images' latents under "a photo of dog". Both halves go through the UNet as ONE batch.
+
+
+def prior_preservation_loss(unet, noise_schedule, instance_latents, instance_context,
+                            class_latents=None, class_context=None, prior_loss_weight=1.0, generator=None):
+    """Returns (loss, instance_loss, prior_loss); prior_loss is 0 without class latents.
+    latents: scaled VAE latents [B, 4, h, w]; context: text-encoder output [B, 77, D]."""
+    latents, context = instance_latents, instance_context
+    if class_latents is not None:
+        latents = torch.cat([instance_latents, class_latents])
+        context = torch.cat([instance_context, class_context])
+    # x_t = a_t x + s_t e with t uniform over the training timesteps (DDPM Eq. 4)
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device if generator else None
+                        ).to(latents.device, latents.dtype)
+    timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator, device=generator.device if generator else None).to(latents.device)
+    noisy_latents = noise_schedule.add_noise(latents, noise, timesteps)
+    prediction = unet(noisy_latents, timesteps, context).float()
+    target = noise_schedule.training_target(latents, noise, timesteps).float()  # e, or v for v-models
+    n = instance_latents.shape[0]
+    instance_loss = F.mse_loss(prediction[:n], target[:n])
+    if class_latents is None:
+        return instance_loss, instance_loss.detach(), torch.zeros((), device=latents.device)
+    prior_loss = F.mse_loss(prediction[n:], target[n:])
+    return instance_loss + prior_loss_weight * prior_loss, instance_loss.detach(), prior_loss.detach()
+
+
+def encode_prompts(pipeline, prompts):
+    """Text-encoder output [B, 77, D] for prompts (the conditioning c)."""
+    ids = pipeline.tokenizer(prompts).to(next(pipeline.text_encoder.parameters()).device)
+    return pipeline.text_encoder(ids)
+
+
+class LatentDistribution:
+    """The VAE posterior of a batch of images, kept as mean and std so that a cached latent is
+    still a fresh sample every step (encoding each step, as diffusers does, costs a third of it)."""
+
+    def __init__(self, mean, std):
+        self.mean, self.std = mean, std
+
+    @classmethod
+    def encode(cls, vae, images):
+        posterior = vae.encode(images)
+        return cls(posterior.mean, posterior.std)
+
+    def sample(self, scaling_factor, generator=None):
+        noise = torch.randn(self.mean.shape, generator=generator,
+                            device=generator.device if generator else None).to(self.mean.device, self.mean.dtype)
+        return (self.mean + self.std * noise) * scaling_factor
+
+
+if __name__ == "__main__":  # a quick look at the identifiers a vocabulary offers
+    warnings.simplefilter("default")
+    if len(sys.argv) != 2:
+        sys.exit("usage: python dreambooth.py TOKENIZER_FOLDER")
+    from clip_text import CLIPTokenizer
+    tok = CLIPTokenizer.from_folder(sys.argv[1])
+    words = rare_token_candidates(tok)
+    print(f"{len(words)} rare identifiers in merge ranks {RARE_MERGE_RANKS}, e.g.:", " ".join(words[-40:]))

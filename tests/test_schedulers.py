@@ -1,0 +1,235 @@
+"""schedulers.py against diffusers' DDIMScheduler / DDPMScheduler built from the same config dict.
+Tolerance: max abs error <= 1e-6 in fp32 (the arithmetic is the same, so in practice it is exact)."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import schedulers  # noqa: E402
+from schedulers import PRESETS, DDIMScheduler, DDPMScheduler, SchedulerConfig, randn  # noqa: E402
+
+import diffusers  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+
+TOL = 1e-6
+
+# scheduler/scheduler_config.json of stable-diffusion-v1-5 (a PNDM config) and of stable-diffusion-2-1.
+SD15_PNDM = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+             "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+             "trained_betas": None}
+SD21_V = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+          "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+          "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+          "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+# DDPM-paper style: linear betas, x_0 clipping on, no offset, abar_prev = 1 at the end.
+LINEAR = {"_class_name": "DDPMScheduler", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+          "num_train_timesteps": 1000, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True,
+          "steps_offset": 0, "variance_type": "fixed_small"}
+CONFIGS = {"sd15-pndm": SD15_PNDM, "sd21-v": SD21_V, "linear": LINEAR}
+
+
+def ours_and_ref(kind: str, cfg: dict):
+    ours_cls, ref_cls = {"ddim": (DDIMScheduler, diffusers.DDIMScheduler),
+                         "ddpm": (DDPMScheduler, diffusers.DDPMScheduler)}[kind]
+    return ours_cls(SchedulerConfig.from_dict(cfg)), ref_cls.from_config(cfg)
+
+
+def fake_model(sample, t):
+    """A deterministic stand-in for the UNet: depends on the sample and on t, magnitude about 1."""
+    return torch.tanh(1.5 * sample) + 0.3 * (t / 1000.0) * sample.flip(-1) - 0.1 * sample.roll(1, dims=-2)
+
+
+def max_err(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_schedule_tensors_and_timesteps_equal(kind, name):
+    ours, ref = ours_and_ref(kind, CONFIGS[name])
+    for attr in ("betas", "alphas", "alphas_cumprod"):
+        assert getattr(ours, attr).dtype == torch.float32
+        assert torch.equal(getattr(ours, attr), getattr(ref, attr)), attr
+    for n in (1, 7, 25, 50, 333, 999):
+        ours.set_timesteps(n)
+        ref.set_timesteps(n)
+        assert ours.timesteps.dtype == torch.int64
+        assert torch.equal(ours.timesteps, ref.timesteps), n
+    if kind == "ddim":
+        assert torch.equal(ours.final_alpha_cumprod, ref.final_alpha_cumprod)
+
+
+def test_leading_spacing_sd_numbers():
+    s = DDIMScheduler(PRESETS["sd15"])
+    s.set_timesteps(50)
+    assert s.timesteps[:3].tolist() == [981, 961, 941] and s.timesteps[-1].item() == 1 and len(s.timesteps) == 50
+    assert s.betas[0].item() == pytest.approx(0.00085) and s.betas[-1].item() == pytest.approx(0.012)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_noise_velocity_training_target(name, dtype):
+    ours, ref = ours_and_ref("ddpm", CONFIGS[name])
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 4, 8, 8, generator=g).to(dtype)
+    noise = torch.randn(4, 4, 8, 8, generator=g).to(dtype)
+    timesteps = torch.tensor([0, 1, 500, 999])
+    tol = TOL if dtype == torch.float32 else 0.0  # bf16: both compute in bf16 the same way -> identical
+    noisy = ours.add_noise(x0, noise, timesteps)
+    velocity = ours.velocity(x0, noise, timesteps)
+    assert noisy.dtype == velocity.dtype == dtype
+    assert max_err(noisy.float(), ref.add_noise(x0, noise, timesteps).float()) <= tol
+    assert max_err(velocity.float(), ref.get_velocity(x0, noise, timesteps).float()) <= tol
+    # Per-sample broadcasting: item i only sees its own timestep.
+    solo = ours.add_noise(x0[2:3], noise[2:3], timesteps[2:3])
+    assert torch.equal(solo, noisy[2:3])
+    target = ours.training_target(x0, noise, timesteps)
+    expected = velocity if ours.config.prediction_type == "v_prediction" else noise
+    assert torch.equal(target, expected)
+
+
+def test_training_target_sample_prediction():
+    s = DDPMScheduler(SchedulerConfig.from_dict({**SD15_PNDM, "prediction_type": "sample"}))
+    x0, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    assert torch.equal(s.training_target(x0, noise, torch.tensor([3, 900])), x0)
+
+
+def run_both(kind, cfg, num_inference_steps, batch=2, eta=None, seed=0, **extra):
+    """Run both samplers side by side on their own trajectories; compare every step's outputs."""
+    ours, ref = ours_and_ref(kind, cfg)
+    if num_inference_steps is not None:
+        ours.set_timesteps(num_inference_steps)
+        ref.set_timesteps(num_inference_steps)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    x = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(100))
+    x_ref = x.clone()
+    g, g_ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    kw, kw_ref = ({}, {}) if eta is None else ({"eta": eta}, {"eta": eta})
+    worst = 0.0
+    for t in ours.timesteps:
+        out = ours.step(fake_model(x, t), t, x, generator=g, **kw)
+        out_ref = ref.step(fake_model(x_ref, t), t, x_ref, generator=g_ref, **kw_ref)
+        step_err = max(max_err(out.prev_sample, out_ref.prev_sample),
+                       max_err(out.pred_original_sample, out_ref.pred_original_sample))
+        assert step_err <= TOL, f"t={int(t)}: {step_err}"
+        worst = max(worst, step_err)
+        x, x_ref = out.prev_sample, out_ref.prev_sample
+    assert torch.isfinite(x).all()
+    return x, worst
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_50_steps_match_diffusers(name, eta):
+    x, _ = run_both("ddim", CONFIGS[name], 50, eta=eta)
+    if eta > 0:  # the generator is really used: another seed changes the result
+        x_other, _ = run_both("ddim", CONFIGS[name], 50, eta=eta, seed=1)
+        assert max_err(x, x_other) > 1e-3
+
+
+def test_ddim_sample_prediction_and_odd_step_count_match_diffusers():
+    run_both("ddim", {**LINEAR, "prediction_type": "sample"}, 50, eta=0.5)
+    run_both("ddim", SD15_PNDM, 7, eta=1.0)  # T // n = 142: a grid with a remainder
+
+
+def test_ddpm_full_1000_step_ancestral_loop_matches_diffusers():
+    # LINEAR has steps_offset 0, so set_timesteps(1000) is the full chain 999..0 (as is the default).
+    run_both("ddpm", LINEAR, 1000)
+    run_both("ddpm", LINEAR, None, batch=1)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_ddpm_strided_matches_diffusers(name):
+    run_both("ddpm", CONFIGS[name], 50)
+
+
+def test_ddpm_fixed_large_and_sample_prediction_match_diffusers():
+    run_both("ddpm", {**SD21_V, "variance_type": "fixed_large"}, 25)
+    run_both("ddpm", {**SD15_PNDM, "prediction_type": "sample", "clip_sample": True}, 25)
+
+
+def test_randn_matches_diffusers_and_is_batch_size_independent():
+    shape = (3, 4, 8, 8)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (10, 11, 12)]  # noqa: E731
+    batch = randn(shape, gens())
+    assert torch.equal(batch, randn_tensor(shape, generator=gens()))
+    for i, seed in enumerate((10, 11, 12)):  # each item equals that seed drawn alone
+        assert torch.equal(batch[i:i + 1], randn((1, 4, 8, 8), torch.Generator().manual_seed(seed)))
+    single = randn(shape, torch.Generator().manual_seed(10))
+    assert torch.equal(single, randn_tensor(shape, generator=torch.Generator().manual_seed(10)))
+    assert torch.equal(single[:1], batch[:1]) and not torch.equal(single[1:], batch[1:])
+    assert randn(shape, dtype=torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        randn(shape, gens()[:2])
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_stochastic_steps_are_batch_size_independent(kind):
+    """With one generator per image, an image's trajectory does not depend on the batch it is in."""
+    s = (DDIMScheduler if kind == "ddim" else DDPMScheduler)(PRESETS["sd21"])
+    s.set_timesteps(20)
+    kw = {"eta": 1.0} if kind == "ddim" else {}
+    seeds = [5, 6, 7]
+    x0 = torch.cat([torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(s_)) for s_ in seeds])
+
+    def sample(x, seeds_):
+        gens = [torch.Generator().manual_seed(s_) for s_ in seeds_]
+        for t in s.timesteps:
+            x = s.step(fake_model(x, t), t, x, generator=gens, **kw).prev_sample
+        return x
+
+    together = sample(x0, seeds)
+    alone = sample(x0[1:2], seeds[1:2])
+    assert max_err(together[1:2], alone) <= TOL
+    assert max_err(together[0], together[1]) > 1e-3
+
+
+def test_presets_equal_hub_configs(tmp_path):
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps(SD15_PNDM))
+    assert SchedulerConfig.from_json(path) == PRESETS["sd15"]
+    assert SchedulerConfig.from_dict(SD21_V) == PRESETS["sd21"]
+    assert PRESETS["sd21-base"].prediction_type == "epsilon"
+    # A DDIM built from the preset equals diffusers' DDIM built from the Hub file.
+    ours, ref = DDIMScheduler(PRESETS["sd21"]), diffusers.DDIMScheduler.from_config(SD21_V)
+    assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
+    assert torch.equal(ours.final_alpha_cumprod, ref.final_alpha_cumprod)
+
+
+def test_defaults_follow_diffusers():
+    """Absent keys take diffusers' defaults (DDIM's for set_alpha_to_one, DDPM's for variance_type)."""
+    ours = SchedulerConfig()
+    for ref_cls in (diffusers.DDIMScheduler, diffusers.DDPMScheduler):
+        ref = ref_cls().config
+        for key in ref:
+            if hasattr(ours, key):
+                assert getattr(ours, key) == ref[key], (ref_cls.__name__, key)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule"),
+    ({"trained_betas": [0.1] * 1000}, "trained_betas"),
+    ({"prediction_type": "flow"}, "prediction_type"),
+    ({"timestep_spacing": "trailing"}, "timestep_spacing"),
+    ({"variance_type": "learned_range"}, "variance_type"),
+    ({"thresholding": True}, "thresholding"),
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+])
+def test_config_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        SchedulerConfig.from_dict({**SD15_PNDM, **override})
+
+
+def test_set_timesteps_errors():
+    s = DDIMScheduler(PRESETS["sd15"])
+    with pytest.raises(ValueError, match="outside the 1000 training timesteps"):
+        s.set_timesteps(1000)  # steps_offset 1 would give t = 1000 (diffusers fails later with an IndexError)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        s.set_timesteps(0)
+    s.set_timesteps(500)  # the largest count that fits with steps_offset 1
+    assert s.timesteps[0].item() == 999
+    assert schedulers.SchedulerConfig.from_dict({"timestep_spacing": "leading"}).timestep_spacing == "leading"
