@@ -16,9 +16,7 @@ Given 3-5 photos of a subject, fine-tune every UNet weight of a text-to-image mo
 train.py turns these parts into a command-line trainer (optimizer, mixed precision, checkpoints).
 """
 import random
-import re
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -253,12 +251,6 @@ def prior_preservation_loss(unet, noise_schedule, instance_latents, instance_con
     return instance_loss + prior_loss_weight * prior_loss, instance_loss.detach(), prior_loss.detach()
 
 
-def encode_prompts(pipeline, prompts):
-    """Text-encoder output [B, 77, D] for prompts (the conditioning c)."""
-    ids = pipeline.tokenizer(prompts).to(next(pipeline.text_encoder.parameters()).device)
-    return pipeline.text_encoder(ids)
-
-
 class LatentDistribution:
     """The VAE posterior of a batch of images, kept as mean and std so that a cached latent is
     still a fresh sample every step (encoding each step, as diffusers does, costs a third of it)."""
@@ -278,7 +270,6 @@ class LatentDistribution:
 
 
 if __name__ == "__main__":  # a quick look at the identifiers a vocabulary offers
-    warnings.simplefilter("default")
     if len(sys.argv) != 2:
         sys.exit("usage: python dreambooth.py TOKENIZER_FOLDER")
     from clip_text import CLIPTokenizer

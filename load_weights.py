@@ -490,13 +490,18 @@ def _state_dict(module, half):
             for k, v in module.state_dict().items()}
 
 
+PIPELINE_ENTRIES = ("model_index.json", "scheduler", "tokenizer", *COMPONENTS)
+
+
 def save_pipeline(pipeline, folder, *, half=False):
     """Write a diffusers-layout folder that this loader and diffusers' StableDiffusionPipeline
-    both open. Written beside the target and moved into place when complete, so a failure
-    leaves any earlier folder as it was."""
+    both open. Everything is written beside the target first; then each entry (model_index.json,
+    scheduler/, tokenizer/, text_encoder/, unet/, vae/) replaces its old version, which is removed
+    only once the new one is in place. Other files in the folder (a training run's logs,
+    checkpoints, dreambooth.json) are left alone."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=folder))
     try:
         model_index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
                        "feature_extractor": [None, None], "safety_checker": [None, None],
@@ -515,16 +520,13 @@ def save_pipeline(pipeline, folder, *, half=False):
             (tmp / name / config_file).write_text(json.dumps(_config_dict(name, pipeline), indent=2))
             save_file(_state_dict(getattr(pipeline, name), half), tmp / name / f"{stem}.safetensors",
                       metadata={"format": "pt"})
-        old = None
-        if folder.exists():  # swap: the old folder goes only once the new one is complete
-            old = folder.with_name(tmp.name + ".old")
-            folder.rename(old)
-        tmp.rename(folder)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
+        for entry in PIPELINE_ENTRIES:
+            target, old = folder / entry, tmp / f"{entry}.old"
+            if target.exists():
+                target.rename(old)
+            (tmp / entry).rename(target)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

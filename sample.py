@@ -45,17 +45,23 @@ SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
-def autocast(device: torch.device, mixed_precision: str):
-    """The autocast context for `mixed_precision` on `device` (see the module docstring)."""
+def autocast_dtype(device: torch.device, mixed_precision: str):
+    """The half precision that `mixed_precision` means on `device` (see the module docstring),
+    or None for full precision. train.py makes the same choice with this function."""
     if mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
     if mixed_precision == "no" or device.type not in ("cuda", "cpu"):
-        return contextlib.nullcontext()
+        return None
     if mixed_precision == "auto":
         use_bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
         mixed_precision = "bf16" if use_bf16 else "fp16"
-    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, mixed_precision: str):
+    """The autocast context for `mixed_precision` on `device`."""
+    dtype = autocast_dtype(device, mixed_precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def downsampling_factors(pipeline) -> tuple[int, int]:

@@ -95,7 +95,11 @@ def test_save_pipeline_keeps_old_folder_on_failure(tiny_sd1, tmp_path, monkeypat
         save_pipeline(ours, tmp_path / "model")
     after = load_file(good / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left behind
+    assert not list(good.glob(".saving-*"))  # no temporary left behind
+    (good / "notes.txt").write_text("mine")  # other files in the folder survive a save
+    monkeypatch.undo()
+    save_pipeline(ours, good)
+    assert (good / "notes.txt").read_text() == "mine"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,369 @@
+"""DreamBooth training from the command line (the method itself is in dreambooth.py).
+
+    python train.py --instance_dir dog/ --class_noun dog
+
+Defaults follow common Stable Diffusion practice (REFERENCE.md section 1): SD 1.5, prior
+preservation with 200 class images, lr 5e-6 constant, 800 steps, 512 px, batch 1 (+1 class
+image). The output folder is a diffusers-layout model (load it with sample.py, this project's
+loader, or diffusers), plus dreambooth.json (identifier, prompts, arguments), loss.jsonl,
+loss.png, validation/ grids, checkpoints/ and class_images/.
+
+Precision: trainable weights stay fp32; the forward pass runs under autocast (bf16, or fp16
+with a GradScaler so small gradients do not underflow); the frozen VAE and text encoder are
+kept in that half precision. On CPU the same code runs (fp32, or bf16 autocast).
+"""
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+import dreambooth
+import sample
+from load_weights import DEFAULT_MODEL, LoadError, load_pipeline, save_pipeline
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("subject and prompts")
+    g.add_argument("--instance_dir", required=True, help="folder with 3-5 photos of the subject")
+    g.add_argument("--class_noun", required=True, help="the subject's coarse class, e.g. dog")
+    g.add_argument("--identifier", help="the [V] word (default: a rare token drawn from the vocabulary)")
+    g.add_argument("--instance_template", default=dreambooth.INSTANCE_TEMPLATE)
+    g.add_argument("--class_template", default=dreambooth.CLASS_TEMPLATE)
+    g = p.add_argument_group("prior preservation")
+    g.add_argument("--no_prior_preservation", action="store_true", help="train on the subject only")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="lambda of Eq. 2")
+    g.add_argument("--class_dir", help="class image cache (default: OUTPUT_DIR/class_images)")
+    g.add_argument("--num_class_images", type=int, default=200)
+    g.add_argument("--class_steps", type=int, default=50, help="sampler steps per class image")
+    g.add_argument("--class_scheduler", choices=sorted(sample.SCHEDULERS), default="ddim")
+    g.add_argument("--class_guidance_scale", type=float, default=7.5)
+    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size for class and validation images")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="Hub id, diffusers folder, or .safetensors/.ckpt file")
+    g.add_argument("--resolution", type=int, default=512)
+    crop = g.add_mutually_exclusive_group()
+    crop.add_argument("--center_crop", dest="center_crop", action="store_true", default=True)
+    crop.add_argument("--random_crop", dest="center_crop", action="store_false")
+    g.add_argument("--flip", action="store_true", help="random horizontal flips")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_text_encoder", action="store_true")
+    g.add_argument("--lr", type=float, default=5e-6)
+    g.add_argument("--text_encoder_lr", type=float, help="default: --lr")
+    g.add_argument("--warmup_steps", type=int, default=0)
+    g.add_argument("--max_steps", type=int, default=800)
+    g.add_argument("--batch_size", type=int, default=1, help="instance images per step (plus as many class images)")
+    g.add_argument("--grad_accum", type=int, default=1)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--mixed_precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
+                   help="auto: bf16 where supported, else fp16 with a GradScaler")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="encode the images once (both flips); the VAE then leaves the accelerator")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", default="dreambooth-output")
+    g.add_argument("--checkpoint_every", type=int, default=0, help="steps between resumable checkpoints (0: none)")
+    g.add_argument("--keep_checkpoints", type=int, default=1, help="how many recent checkpoints to keep")
+    g.add_argument("--resume", help="a checkpoint folder, or 'latest'")
+    g.add_argument("--validation_prompt", action="append", default=[], help="repeatable; [V] becomes the identifier")
+    g.add_argument("--validation_every", type=int, default=0)
+    g.add_argument("--validation_steps", type=int, default=25)
+    return p
+
+
+def check_args(p, args):
+    """Bad input stops here, with a message that says what to change."""
+    if args.resolution <= 0 or args.resolution % 8:
+        p.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    for name in ("max_steps", "batch_size", "grad_accum", "num_class_images", "class_steps", "sample_batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.lr <= 0 or args.prior_loss_weight < 0:
+        p.error("--lr must be positive and --prior_loss_weight non-negative")
+    if args.cache_latents and not args.center_crop:
+        p.error("--cache_latents encodes each image once, so it needs --center_crop (not --random_crop)")
+    if args.validation_every and not args.validation_prompt:
+        p.error("--validation_every needs at least one --validation_prompt")
+    try:
+        dreambooth.list_images(args.instance_dir)
+    except FileNotFoundError as e:
+        p.error(str(e))
+    if args.resume and args.resume != "latest" and not Path(args.resume, "state.pt").is_file():
+        p.error(f"--resume {args.resume}: no checkpoint there (expected {Path(args.resume, 'state.pt')})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: everything an exact resume needs (weights, optimizer, scaler, step, RNG states),
+# written to a temporary folder and renamed when complete.
+
+
+def trainable_modules(pipeline, args):
+    return {"unet": pipeline.unet, **({"text_encoder": pipeline.text_encoder} if args.train_text_encoder else {})}
+
+
+def save_checkpoint(folder, step, pipeline, args, optimizer, scaler, lr_schedule, rng, generator):
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    for name, module in trainable_modules(pipeline, args).items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "lr_schedule": lr_schedule.state_dict(), "python_rng": rng.getstate(),
+                "torch_rng": generator.get_state(), "train_text_encoder": args.train_text_encoder},
+               tmp / "state.pt")
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    checkpoints = sorted(folder.parent.glob("step-*"))
+    for old in checkpoints[:-args.keep_checkpoints]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(folder, pipeline, args, optimizer, scaler, lr_schedule, rng, generator):
+    state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+    if state["train_text_encoder"] != args.train_text_encoder:
+        raise SystemExit(f"error: {folder} was made with train_text_encoder={state['train_text_encoder']}; "
+                         "resume with the same setting")
+    for name, module in trainable_modules(pipeline, args).items():
+        module.load_state_dict(load_file(Path(folder) / f"{name}.safetensors"), strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    rng.setstate(state["python_rng"])
+    generator.set_state(state["torch_rng"])
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_losses(records, path):
+    """A plain loss curve (total, and the instance and prior terms) drawn with PIL."""
+    width, height, margin = 640, 360, 40
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    keys = {"loss": (0, 0, 0), "instance_loss": (200, 60, 60), "prior_loss": (60, 60, 200)}
+    values = [r[k] for r in records for k in keys]
+    if not records or not values:
+        return
+    low, high = min(values), max(values) or 1.0
+    steps = [r["step"] for r in records]
+    x = lambda s: margin + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (width - 2 * margin)  # noqa: E731
+    y = lambda v: height - margin - (v - low) / max(high - low, 1e-12) * (height - 2 * margin)  # noqa: E731
+    draw.rectangle([margin, margin, width - margin, height - margin], outline=(180, 180, 180))
+    for i, (k, colour) in enumerate(keys.items()):
+        draw.line([(x(r["step"]), y(r[k])) for r in records], fill=colour, width=1)
+        draw.text((margin + 150 * i, 10), k, fill=colour)
+    draw.text((margin, height - margin + 5), f"step {steps[0]}", fill=(0, 0, 0))
+    draw.text((width - margin - 70, height - margin + 5), f"step {steps[-1]}", fill=(0, 0, 0))
+    draw.text((5, margin), f"{high:.3g}", fill=(0, 0, 0))
+    draw.text((5, height - margin - 10), f"{low:.3g}", fill=(0, 0, 0))
+    image.save(path)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    half = sample.autocast_dtype(device, args.mixed_precision)  # None: fp32 throughout
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    try:
+        pipeline = load_pipeline(args.model, device=device)
+    except LoadError as e:
+        parser.exit(2, f"error: {e}\n")
+    # Frozen parts run in the half precision too; trainable weights stay fp32 (the optimizer
+    # must see fp32 weights and gradients, else updates as small as lr * grad round to zero).
+    pipeline.vae.to(half or torch.float32)
+    if not args.train_text_encoder:
+        pipeline.text_encoder.to(half or torch.float32)
+    autocast = lambda: sample.autocast(device, args.mixed_precision)  # noqa: E731
+
+    # 1-2. identifier and prompts
+    tokenizer = pipeline.tokenizer
+    if args.identifier:
+        try:
+            dreambooth.check_identifier(tokenizer, args.identifier, args.class_noun, args.instance_template)
+        except ValueError as e:
+            parser.error(str(e))
+        dreambooth.warn_if_common(tokenizer, args.identifier)
+        identifier = args.identifier
+    else:
+        identifier = dreambooth.choose_identifier(tokenizer, args.class_noun, seed=args.seed)
+    instance_prompt, class_prompt = dreambooth.make_prompts(identifier, args.class_noun,
+                                                             args.instance_template, args.class_template)
+    print(f"identifier: {identifier!r}\ninstance prompt: {instance_prompt!r}", file=sys.stderr)
+
+    # 3. autogenous class images, from the frozen model before any training
+    prior = not args.no_prior_preservation
+    class_paths = []
+    if prior:
+        print(f"class prompt: {class_prompt!r}", file=sys.stderr)
+        class_paths = dreambooth.ensure_class_images(
+            pipeline, args.class_dir or output_dir / "class_images", class_prompt, args.num_class_images,
+            seed=args.seed, batch_size=args.sample_batch_size, steps=args.class_steps,
+            scheduler=args.class_scheduler, guidance_scale=args.class_guidance_scale,
+            mixed_precision=args.mixed_precision, height=args.resolution, width=args.resolution)
+
+    # 4. data; the prompts' contexts are computed once unless the text encoder trains
+    data = dreambooth.DreamBoothData(dreambooth.list_images(args.instance_dir), class_paths, args.resolution,
+                                     center_crop=args.center_crop, flip=args.flip)
+    scaling_factor = pipeline.vae.config.scaling_factor
+    with torch.no_grad(), autocast():
+        contexts = {p: sample.encode_prompts(pipeline, [p]).float() for p in (instance_prompt, class_prompt)}
+        cached = None
+        if args.cache_latents:  # each image's posterior, unflipped and flipped
+            def encode(paths):
+                images = torch.stack([dreambooth.load_image(p, args.resolution) for p in paths]).to(device, half or torch.float32)
+                return [dreambooth.LatentDistribution.encode(pipeline.vae, x) for x in (images, images.flip(-1))]
+            cached = {"instance": encode(data.instance_paths), "class": encode(data.class_paths) if prior else None}
+            pipeline.vae.to("cpu")  # until validation needs it
+            if not args.train_text_encoder:
+                pipeline.text_encoder.to("cpu")
+
+    # 5. optimisation
+    unet = pipeline.unet.train().requires_grad_(True)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    groups = [{"params": list(unet.parameters()), "lr": args.lr}]
+    if args.train_text_encoder:
+        pipeline.text_encoder.train().requires_grad_(True)
+        groups.append({"params": list(pipeline.text_encoder.parameters()), "lr": args.text_encoder_lr or args.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.adam_weight_decay)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
+    rng = random.Random(args.seed)                            # data order, crops, flips
+    generator = torch.Generator().manual_seed(args.seed)      # noise, timesteps, latent samples
+
+    step = 0
+    checkpoints_dir = output_dir / "checkpoints"
+    if args.resume:
+        folder = args.resume
+        if folder == "latest":
+            found = sorted(checkpoints_dir.glob("step-*"))
+            if not found:
+                parser.exit(2, f"error: --resume latest: no checkpoint in {checkpoints_dir}\n")
+            folder = found[-1]
+        step = load_checkpoint(folder, pipeline, args, optimizer, scaler, lr_schedule, rng, generator)
+        print(f"resumed from {folder} at step {step}", file=sys.stderr)
+    log_path = output_dir / "loss.jsonl"
+    records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() and step else []
+    records = [r for r in records if r["step"] <= step]
+
+    def latents_for(indices):
+        """Scaled VAE latents of a batch: (instance, class or None)."""
+        if cached is None:
+            instance, klass = data.batch(indices, rng)
+            with torch.no_grad(), autocast():
+                encode = lambda x: pipeline.vae.encode(x.to(device, half or torch.float32)).sample(generator) * scaling_factor  # noqa: E731
+                return encode(instance).float(), encode(klass).float() if klass is not None else None
+
+        def pick(distributions, paths_count):
+            picks = []
+            for k in indices:
+                flipped = args.flip and rng.random() < 0.5
+                d = distributions[int(flipped)]
+                i = k % paths_count
+                picks.append(dreambooth.LatentDistribution(d.mean[i:i + 1], d.std[i:i + 1]).sample(scaling_factor, generator))
+            return torch.cat(picks).float()
+        return (pick(cached["instance"], len(data.instance_paths)),
+                pick(cached["class"], len(data.class_paths)) if prior else None)
+
+    trainable = [p for g in groups for p in g["params"]]
+    progress = tqdm(range(step, args.max_steps), initial=step, total=args.max_steps, desc="training")
+    for step in progress:
+        totals = torch.zeros(3)
+        for _ in range(args.grad_accum):
+            indices = [rng.randrange(len(data)) for _ in range(args.batch_size)]
+            instance_latents, class_latents = latents_for(indices)
+            n = len(indices)
+            if args.train_text_encoder:
+                with autocast():
+                    instance_context = sample.encode_prompts(pipeline, [instance_prompt] * n)
+                    class_context = sample.encode_prompts(pipeline, [class_prompt] * n) if prior else None
+            else:
+                instance_context = contexts[instance_prompt].expand(n, -1, -1)
+                class_context = contexts[class_prompt].expand(n, -1, -1) if prior else None
+            with autocast():
+                loss, instance_loss, prior_loss = dreambooth.prior_preservation_loss(
+                    unet, pipeline.scheduler, instance_latents, instance_context, class_latents, class_context,
+                    args.prior_loss_weight, generator)
+            scaler.scale(loss / args.grad_accum).backward()
+            totals += torch.stack([loss.detach().float().cpu(), instance_loss.float().cpu(), prior_loss.float().cpu()]) / args.grad_accum
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lr_schedule.step()
+        record = {"step": step + 1, "loss": totals[0].item(), "instance_loss": totals[1].item(),
+                  "prior_loss": totals[2].item(), "lr": lr_schedule.get_last_lr()[0]}
+        if not all(math.isfinite(record[k]) for k in ("loss", "instance_loss", "prior_loss")):
+            parser.exit(1, f"error: the loss is not finite at step {step + 1} ({record}); try a lower --lr "
+                           "or --mixed_precision bf16/no. The last checkpoint is intact.\n")
+        records.append(record)
+        with log_path.open("a" if step else "w") as f:
+            f.write(json.dumps(record) + "\n")
+        progress.set_postfix(loss=f"{record['loss']:.4f}", inst=f"{record['instance_loss']:.4f}",
+                             prior=f"{record['prior_loss']:.4f}", lr=f"{record['lr']:.2e}")
+        done = step + 1
+        if args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.max_steps:
+            save_checkpoint(checkpoints_dir / f"step-{done:06d}", done, pipeline, args, optimizer, scaler,
+                            lr_schedule, rng, generator)
+        if args.validation_every and (done % args.validation_every == 0 or done == args.max_steps):
+            validate(pipeline, args, identifier, output_dir / "validation" / f"step-{done:06d}.png", device, half)
+
+    # 6. the fine-tuned model: the trained modules into a fresh fp32 copy of the source, so the
+    # frozen parts are saved exactly as they came (not rounded through the half precision).
+    final = load_pipeline(args.model)
+    final.unet = pipeline.unet.float().cpu()
+    if args.train_text_encoder:
+        final.text_encoder = pipeline.text_encoder.float().cpu()
+    save_pipeline(final, output_dir)
+    info = {"identifier": identifier, "class_noun": args.class_noun, "instance_prompt": instance_prompt,
+            "class_prompt": class_prompt if prior else None, "steps": args.max_steps, "args": vars(args)}
+    tmp = output_dir / ".dreambooth.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(output_dir / "dreambooth.json")
+    plot_losses(records, output_dir / "loss.png")
+    print(f"saved the fine-tuned model to {output_dir} (identifier {identifier!r}); try:\n"
+          f"  python sample.py --model {output_dir} --prompt \"{instance_prompt.replace(identifier, '[V]')}\"",
+          file=sys.stderr)
+    return 0
+
+
+def validate(pipeline, args, identifier, path, device, half):
+    """A grid of the validation prompts (one row each) from the current weights."""
+    pipeline.unet.eval()
+    moved = [m for m in (pipeline.vae, pipeline.text_encoder) if next(m.parameters()).device != device]
+    for m in moved:
+        m.to(device)
+    prompts = [p.replace("[V]", identifier) for p in args.validation_prompt]
+    images = sample.generate(pipeline, prompts, steps=args.validation_steps, seed=args.seed,
+                             batch_size=args.sample_batch_size, mixed_precision=args.mixed_precision,
+                             height=args.resolution, width=args.resolution, progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sample.grid(images, rows=len(prompts)).save(path)
+    for m in moved:
+        m.to("cpu")
+    pipeline.unet.train()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
