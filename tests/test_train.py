@@ -1,0 +1,179 @@
+"""train.py on tiny random pipelines: learning, exact resume, precision paths, outputs, errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import dreambooth
+import train
+from load_weights import load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+DOG = ROOT.parent / "shared" / "dreambooth-dataset" / "dog"  # real photos from the paper's dataset
+
+
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory):
+    """Four small synthetic 'subject' photos: a red square on varied backgrounds."""
+    folder = tmp_path_factory.mktemp("subject")
+    for i, background in enumerate([(20, 120, 20), (200, 200, 200), (30, 30, 160), (120, 80, 40)]):
+        image = Image.new("RGB", (40, 36), background)
+        image.paste((220, 30, 30), (8 + i, 6, 28 + i, 26))
+        image.save(folder / f"{i}.jpg" if i % 2 else folder / f"{i}.png")
+    return folder
+
+
+def run(tiny, instance_dir, out, *extra):
+    argv = ["--model", str(tiny), "--instance_dir", str(instance_dir), "--class_noun", "square",
+            "--resolution", "16", "--output_dir", str(out), "--num_class_images", "2", "--class_steps", "2",
+            "--mixed_precision", "no", "--seed", "0", *extra]
+    assert train.main(argv) == 0
+    return out
+
+
+def unet_weights(folder):
+    return load_file(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def fixed_loss(pipeline, instance_dir, prompt):
+    """The instance term of Eq. 2 under fixed noise and timesteps (a noise-free yardstick)."""
+    images = torch.stack([dreambooth.load_image(p, 16) for p in dreambooth.list_images(instance_dir)])
+    with torch.no_grad():
+        latents = pipeline.vae.encode(images).mean * pipeline.vae.config.scaling_factor
+        context = pipeline.text_encoder(pipeline.tokenizer([prompt] * len(images)))
+        losses = [dreambooth.prior_preservation_loss(pipeline.unet, pipeline.scheduler, latents, context,
+                                                     generator=torch.Generator().manual_seed(s))[1]
+                  for s in range(8)]
+    return torch.stack(losses).mean().item()
+
+
+def test_instance_loss_falls(tiny_sd1, instance_dir, tmp_path):
+    out = run(tiny_sd1, instance_dir, tmp_path / "out", "--no_prior_preservation", "--identifier", "sks",
+              "--max_steps", "40", "--lr", "1e-3", "--batch_size", "2")
+    prompt = "a photo of sks square"
+    before = fixed_loss(load_pipeline(tiny_sd1), instance_dir, prompt)
+    after = fixed_loss(load_pipeline(out), instance_dir, prompt)
+    assert after < 0.8 * before, (before, after)
+    records = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert all(r["prior_loss"] == 0 for r in records)
+    assert Image.open(out / "loss.png").size == (640, 360)
+
+
+@pytest.mark.parametrize("extra", [[], ["--cache_latents", "--train_text_encoder", "--grad_accum", "2"]],
+                         ids=["encode-every-step", "cached-latents+text-encoder"])
+def test_exact_resume(tiny_sd1, instance_dir, tmp_path, extra):
+    common = ["--max_steps", "4", "--checkpoint_every", "2", "--lr", "1e-3", "--flip", "--warmup_steps", "3",
+              *(["--random_crop"] if not extra else []), *extra]
+    straight = run(tiny_sd1, instance_dir, tmp_path / "a", *common)
+    assert [p.name for p in (straight / "checkpoints").iterdir()] == ["step-000002"]
+    # a run that "crashed" after step 2: its checkpoint, class images and log, and nothing else
+    resumed = tmp_path / "b"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
+    shutil.copytree(straight / "class_images", resumed / "class_images")
+    lines = (straight / "loss.jsonl").read_text().splitlines()
+    (resumed / "loss.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    run(tiny_sd1, instance_dir, resumed, *common, "--resume", "latest")
+    a, b = unet_weights(straight), unet_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert (resumed / "loss.jsonl").read_text() == (straight / "loss.jsonl").read_text()
+    if "--train_text_encoder" in extra:
+        ta, tb = (load_file(f / "text_encoder" / "model.safetensors") for f in (straight, resumed))
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)
+        te0 = load_file(tiny_sd1 / "text_encoder" / "model.safetensors")
+        assert not torch.equal(ta["text_model.final_layer_norm.weight"], te0["text_model.final_layer_norm.weight"])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_keeps_fp32_weights(tiny_sd1, instance_dir, tmp_path, monkeypatch, precision):
+    seen = {}
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):  # what the optimizer really updates
+        seen["dtypes"] = {p.dtype for g in self.param_groups for p in g["params"]}
+        seen["grad_dtypes"] = {p.grad.dtype for g in self.param_groups for p in g["params"] if p.grad is not None}
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = run(tiny_sd1, instance_dir, tmp_path / "out", "--max_steps", "3", "--checkpoint_every", "2",
+              "--mixed_precision", precision, "--lr", "1e-4")
+    assert seen["dtypes"] == seen["grad_dtypes"] == {torch.float32}
+    state = torch.load(out / "checkpoints" / "step-000002" / "state.pt", weights_only=True)
+    # fp16 trains with a GradScaler (its state holds the loss scale); bf16 needs none
+    assert ("scale" in state["scaler"]) == (precision == "fp16")
+    records = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(r["loss"] > 0 for r in records)
+    weights = unet_weights(out)
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    # the frozen VAE is saved exactly as it came, not rounded through the half precision
+    vae0 = load_file(tiny_sd1 / "vae" / "diffusion_pytorch_model.safetensors")
+    vae1 = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(vae0[k], vae1[k]) for k in vae0)
+
+
+def test_output_folder(tiny_sd2, instance_dir, tmp_path):
+    out = run(tiny_sd2, instance_dir, tmp_path / "out", "--max_steps", "2", "--identifier", "sks",
+              "--validation_prompt", "a [V] square", "--validation_prompt", "a square",
+              "--validation_every", "1", "--validation_steps", "2")
+    info = json.loads((out / "dreambooth.json").read_text())
+    assert (info["identifier"], info["class_noun"]) == ("sks", "square")
+    assert info["instance_prompt"] == "a photo of sks square" and info["class_prompt"] == "a photo of square"
+    assert info["args"]["max_steps"] == 2
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000001.png", "step-000002.png"]
+    assert sorted(p.name for p in (out / "class_images").iterdir()) == ["class-00000.png", "class-00001.png"]
+    from diffusers import StableDiffusionPipeline
+    ref = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    ours = unet_weights(out)
+    assert all(torch.equal(v, ours[k]) for k, v in ref.unet.state_dict().items())
+    assert ref.scheduler.config.prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--instance_dir", "/nonexistent"], "does not exist"),
+    (["--resolution", "30"], "multiple of 8"),
+    (["--cache_latents", "--random_crop"], "needs --center_crop"),
+    (["--identifier", "square"], "is the class noun"),
+    (["--resume", "/nonexistent"], "no checkpoint there"),
+    (["--validation_every", "5"], "needs at least one --validation_prompt"),
+    (["--max_steps", "0"], "at least 1"),
+    (["--model", "/nonexistent/model.safetensors"], "does not exist"),
+])
+def test_bad_input(tiny_sd1, instance_dir, tmp_path, capsys, argv, message):
+    base = ["--model", str(tiny_sd1), "--instance_dir", str(instance_dir), "--class_noun", "square",
+            "--resolution", "16", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(base + argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_instance_dir(tiny_sd1, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        train.main(["--model", str(tiny_sd1), "--instance_dir", str(tmp_path / "empty"), "--class_noun", "dog"])
+    assert "holds no images" in capsys.readouterr().err
+
+
+def test_cli_end_to_end_on_real_photos(tiny_sd1, tmp_path):
+    """train.py then sample.py as a user runs them, on the paper's dog photos at 32 px."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "dog-model"
+    subprocess.run([sys.executable, "train.py", "--model", str(tiny_sd1), "--instance_dir", str(DOG),
+                    "--class_noun", "dog", "--resolution", "32", "--num_class_images", "2", "--class_steps", "2",
+                    "--max_steps", "3", "--cache_latents", "--flip", "--output_dir", str(out)],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    identifier = json.loads((out / "dreambooth.json").read_text())["identifier"]
+    result = subprocess.run([sys.executable, "sample.py", "--model", str(out), "--prompt", "a [V] dog",
+                             "--steps", "2", "--num_images", "2", "--out_dir", str(tmp_path / "samples")],
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    pngs = sorted((tmp_path / "samples").glob("*-seed*.png"))
+    assert len(pngs) == 2
+    assert Image.open(pngs[0]).text["prompt"] == f"a {identifier} dog"
