@@ -123,26 +123,32 @@ def readable_image(path):
 
 
 def ensure_class_images(pipeline, class_dir, class_prompt, num_images, *, seed=0, batch_size=4,
-                        progress=True, **sampler_args):
+                        rank=0, world_size=1, barrier=lambda: None, **sampler_args):
     """Make class_dir hold num_images readable images of class_prompt and return their paths.
     Unreadable files (an interrupted write, a corrupt download) are replaced, not fatal.
-    sampler_args go to sample.generate (steps, scheduler, guidance_scale, mixed_precision, ...)."""
+    sampler_args go to sample.generate (steps, scheduler, guidance_scale, mixed_precision, ...).
+    With several processes (rank of world_size; `barrier` waits for all of them), each
+    generates one contiguous share of the shortfall, and all return the full set."""
     class_dir = Path(class_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
-    for path in sorted(class_dir.iterdir()):
-        if path.suffix.lower() in IMAGE_SUFFIXES and not readable_image(path):
-            print(f"replacing unreadable class image {path}", file=sys.stderr)
-            path.unlink()
+    if rank == 0:
+        for path in sorted(class_dir.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and not readable_image(path):
+                print(f"replacing unreadable class image {path}", file=sys.stderr)
+                path.unlink()
+    barrier()  # every rank plans from the same folder contents...
     names = {p.name for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    # image i is class-{i:05d}.png; images the user put there count too
+    # image i is class-{i:05d}.png, from seed + i; images the user put there count too
     missing = [i for i in range(num_images) if f"class-{i:05d}.png" not in names]
-    shortfall = max(0, num_images - len(names))
-    todo = missing[:shortfall]
-    if todo:
+    todo = missing[:max(0, num_images - len(names))]
+    barrier()  # ...before any rank writes to it
+    if todo and rank == 0:
         print(f"generating {len(todo)} class images of {class_prompt!r} in {class_dir}", file=sys.stderr)
+    share = -(-len(todo) // world_size)  # ceil
+    todo = todo[rank * share:(rank + 1) * share]
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        # generate() seeds image k of a call with seed + k: keep each call to consecutive indices
+        # generate() seeds image k of a call with seed + k: one call per run of consecutive indices
         runs = [[chunk[0]]]
         for i in chunk[1:]:
             (runs[-1].append(i) if i == runs[-1][-1] + 1 else runs.append([i]))
@@ -153,6 +159,7 @@ def ensure_class_images(pipeline, class_dir, class_prompt, num_images, *, seed=0
                 tmp = class_dir / f".class-{i:05d}.png.tmp"
                 image.save(tmp, format="PNG")
                 tmp.replace(class_dir / f"class-{i:05d}.png")  # never a half-written image
+    barrier()
     return sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:num_images]
 
 
@@ -196,7 +203,9 @@ def list_images(folder, what="instance"):
 
 class DreamBoothData:
     """Instance images paired one to one with class images, as in the paper's training batches:
-    item k is (instance image k mod N, class image k mod M). flip: random horizontal flips."""
+    item k is (instance image k mod N, class image k mod M). flip: random horizontal flips.
+    Each item takes its own random source, so an item's crop and flip do not depend on which
+    batch (or which GPU) loads it."""
 
     def __init__(self, instance_paths, class_paths, resolution, *, center_crop=True, flip=False):
         self.instance_paths, self.class_paths = list(instance_paths), list(class_paths)
@@ -209,12 +218,30 @@ class DreamBoothData:
         image = load_image(path, self.resolution, center_crop=self.center_crop, rng=rng)
         return image.flip(-1) if self.flip and rng.random() < 0.5 else image
 
-    def batch(self, indices, rng):
-        """(instance images [B,3,H,W], class images [B,3,H,W] or None) for item indices."""
-        instance = torch.stack([self._image(self.instance_paths[k % len(self.instance_paths)], rng) for k in indices])
+    def item(self, k, rng):
+        """(instance image [3,H,W], class image [3,H,W] or None) of item k."""
+        instance = self._image(self.instance_paths[k % len(self.instance_paths)], rng)
         if not self.class_paths:
             return instance, None
-        return instance, torch.stack([self._image(self.class_paths[k % len(self.class_paths)], rng) for k in indices])
+        return instance, self._image(self.class_paths[k % len(self.class_paths)], rng)
+
+
+class LatentDistribution:
+    """The VAE posterior q(z | x) of images, kept as mean and std: a cached posterior still
+    gives a fresh latent sample every step, without running the encoder again (diffusers'
+    trainer re-encodes every image every step, a third of its step time)."""
+
+    def __init__(self, mean, std):
+        self.mean, self.std = mean, std
+
+    @classmethod
+    def encode(cls, vae, images):
+        posterior = vae.encode(images)
+        return cls(posterior.mean, posterior.std)
+
+    def sample(self, noise, scaling_factor):
+        """z = (mean + std * noise) * scaling_factor, the scaled latent SD's UNet works on."""
+        return (self.mean + self.std * noise.to(self.mean.dtype)) * scaling_factor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,18 +255,23 @@ class DreamBoothData:
 
 
 def prior_preservation_loss(unet, noise_schedule, instance_latents, instance_context,
-                            class_latents=None, class_context=None, prior_loss_weight=1.0, generator=None):
+                            class_latents=None, class_context=None, prior_loss_weight=1.0, *,
+                            noise=None, timesteps=None, generator=None):
     """Returns (loss, instance_loss, prior_loss); prior_loss is 0 without class latents.
-    latents: scaled VAE latents [B, 4, h, w]; context: text-encoder output [B, 77, D]."""
+    latents: scaled VAE latents [B, 4, h, w]; context: text-encoder output [B, 77, D].
+    noise and timesteps (for the instance then the class latents) are drawn from `generator`
+    unless given: train.py draws them itself so that every GPU sees the same random stream."""
     latents, context = instance_latents, instance_context
     if class_latents is not None:
         latents = torch.cat([instance_latents, class_latents])
         context = torch.cat([instance_context, class_context])
-    # x_t = a_t x + s_t e with t uniform over the training timesteps (DDPM Eq. 4)
-    noise = torch.randn(latents.shape, generator=generator, device=generator.device if generator else None
-                        ).to(latents.device, latents.dtype)
-    timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator, device=generator.device if generator else None).to(latents.device)
+    # x_t = a_t x + s_t e, with e ~ N(0, I) and t uniform over the training timesteps (DDPM Eq. 4)
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device if generator else None)
+    if timesteps is None:
+        timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=generator, device=generator.device if generator else None)
+    noise, timesteps = noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
     noisy_latents = noise_schedule.add_noise(latents, noise, timesteps)
     prediction = unet(noisy_latents, timesteps, context).float()
     target = noise_schedule.training_target(latents, noise, timesteps).float()  # e, or v for v-models
@@ -249,24 +281,6 @@ def prior_preservation_loss(unet, noise_schedule, instance_latents, instance_con
         return instance_loss, instance_loss.detach(), torch.zeros((), device=latents.device)
     prior_loss = F.mse_loss(prediction[n:], target[n:])
     return instance_loss + prior_loss_weight * prior_loss, instance_loss.detach(), prior_loss.detach()
-
-
-class LatentDistribution:
-    """The VAE posterior of a batch of images, kept as mean and std so that a cached latent is
-    still a fresh sample every step (encoding each step, as diffusers does, costs a third of it)."""
-
-    def __init__(self, mean, std):
-        self.mean, self.std = mean, std
-
-    @classmethod
-    def encode(cls, vae, images):
-        posterior = vae.encode(images)
-        return cls(posterior.mean, posterior.std)
-
-    def sample(self, scaling_factor, generator=None):
-        noise = torch.randn(self.mean.shape, generator=generator,
-                            device=generator.device if generator else None).to(self.mean.device, self.mean.dtype)
-        return (self.mean + self.std * noise) * scaling_factor
 
 
 if __name__ == "__main__":  # a quick look at the identifiers a vocabulary offers

@@ -13,8 +13,11 @@ with a GradScaler so small gradients do not underflow); the frozen VAE and text 
 kept in that half precision. On CPU the same code runs (fp32, or bf16 autocast).
 """
 import argparse
+import contextlib
+import datetime
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -22,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -65,6 +70,7 @@ def build_parser():
     g.add_argument("--grad_accum", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--mixed_precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
                    help="auto: bf16 where supported, else fp16 with a GradScaler")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -113,7 +119,7 @@ def trainable_modules(pipeline, args):
     return {"unet": pipeline.unet, **({"text_encoder": pipeline.text_encoder} if args.train_text_encoder else {})}
 
 
-def save_checkpoint(folder, step, pipeline, args, optimizer, scaler, lr_schedule, rng, generator):
+def save_checkpoint(folder, step, pipeline, args, env, optimizer, scaler, lr_schedule, rng, generator):
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -121,7 +127,8 @@ def save_checkpoint(folder, step, pipeline, args, optimizer, scaler, lr_schedule
         save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "lr_schedule": lr_schedule.state_dict(), "python_rng": rng.getstate(),
-                "torch_rng": generator.get_state(), "train_text_encoder": args.train_text_encoder},
+                "torch_rng": generator.get_state(), "train_text_encoder": args.train_text_encoder,
+                "world_size": env.world_size, "batch_size": args.batch_size},
                tmp / "state.pt")
     if folder.exists():
         shutil.rmtree(folder)
@@ -131,11 +138,18 @@ def save_checkpoint(folder, step, pipeline, args, optimizer, scaler, lr_schedule
         shutil.rmtree(old)
 
 
-def load_checkpoint(folder, pipeline, args, optimizer, scaler, lr_schedule, rng, generator):
+def load_checkpoint(folder, pipeline, args, env, optimizer, scaler, lr_schedule, rng, generator):
     state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
     if state["train_text_encoder"] != args.train_text_encoder:
         raise SystemExit(f"error: {folder} was made with train_text_encoder={state['train_text_encoder']}; "
                          "resume with the same setting")
+    made, now = state["world_size"] * state["batch_size"], env.world_size * args.batch_size
+    if made != now:
+        raise SystemExit(
+            f"error: {folder} was made with {state['world_size']} process(es) x batch {state['batch_size']} "
+            f"= {made} images per step, but this run has {env.world_size} x {args.batch_size} = {now}. "
+            "The data order and the meaning of a step depend on that global batch: resume with the same "
+            f"--nproc_per_node and --batch_size (or any pair whose product is {made}).")
     for name, module in trainable_modules(pipeline, args).items():
         module.load_state_dict(load_file(Path(folder) / f"{name}.safetensors"), strict=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -173,16 +187,64 @@ def plot_losses(records, path):
     image.save(path)
 
 
+class Distributed:
+    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or a single process without a
+    process group. NCCL joins CUDA processes, gloo CPU ones."""
+
+    def __init__(self, device):
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank, self.local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(device)
+        if self.world_size > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.local_rank)
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=60))
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def wrap(self, module):
+        if self.world_size == 1:
+            return module
+        return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def close(self):
+        if self.world_size > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
+    env = Distributed(args.device)
+    try:
+        return train(parser, args, env)
+    except BaseException:
+        if env.world_size > 1:  # say which process failed; torchrun then stops the others
+            print(f"error: rank {env.rank} of {env.world_size} failed", file=sys.stderr)
+        raise
+    finally:
+        if env.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(parser, args, env):
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
+    device = env.device
     half = sample.autocast_dtype(device, args.mixed_precision)  # None: fp32 throughout
-    random.seed(args.seed)
+    frozen_dtype = half or torch.float32
     torch.manual_seed(args.seed)
+    say = (lambda *a: print(*a, file=sys.stderr)) if env.main else (lambda *a: None)
 
     try:
         pipeline = load_pipeline(args.model, device=device)
@@ -190,9 +252,9 @@ def main(argv=None):
         parser.exit(2, f"error: {e}\n")
     # Frozen parts run in the half precision too; trainable weights stay fp32 (the optimizer
     # must see fp32 weights and gradients, else updates as small as lr * grad round to zero).
-    pipeline.vae.to(half or torch.float32)
+    pipeline.vae.to(frozen_dtype)
     if not args.train_text_encoder:
-        pipeline.text_encoder.to(half or torch.float32)
+        pipeline.text_encoder.to(frozen_dtype)
     autocast = lambda: sample.autocast(device, args.mixed_precision)  # noqa: E731
 
     # 1-2. identifier and prompts
@@ -202,24 +264,26 @@ def main(argv=None):
             dreambooth.check_identifier(tokenizer, args.identifier, args.class_noun, args.instance_template)
         except ValueError as e:
             parser.error(str(e))
-        dreambooth.warn_if_common(tokenizer, args.identifier)
+        if env.main:
+            dreambooth.warn_if_common(tokenizer, args.identifier)
         identifier = args.identifier
     else:
         identifier = dreambooth.choose_identifier(tokenizer, args.class_noun, seed=args.seed)
     instance_prompt, class_prompt = dreambooth.make_prompts(identifier, args.class_noun,
                                                              args.instance_template, args.class_template)
-    print(f"identifier: {identifier!r}\ninstance prompt: {instance_prompt!r}", file=sys.stderr)
+    say(f"identifier: {identifier!r}\ninstance prompt: {instance_prompt!r}")
 
     # 3. autogenous class images, from the frozen model before any training
     prior = not args.no_prior_preservation
     class_paths = []
     if prior:
-        print(f"class prompt: {class_prompt!r}", file=sys.stderr)
+        say(f"class prompt: {class_prompt!r}")
         class_paths = dreambooth.ensure_class_images(
             pipeline, args.class_dir or output_dir / "class_images", class_prompt, args.num_class_images,
             seed=args.seed, batch_size=args.sample_batch_size, steps=args.class_steps,
             scheduler=args.class_scheduler, guidance_scale=args.class_guidance_scale,
-            mixed_precision=args.mixed_precision, height=args.resolution, width=args.resolution)
+            mixed_precision=args.mixed_precision, height=args.resolution, width=args.resolution,
+            rank=env.rank, world_size=env.world_size, barrier=env.barrier)
 
     # 4. data; the prompts' contexts are computed once unless the text encoder trains
     data = dreambooth.DreamBoothData(dreambooth.list_images(args.instance_dir), class_paths, args.resolution,
@@ -227,13 +291,13 @@ def main(argv=None):
     scaling_factor = pipeline.vae.config.scaling_factor
     with torch.no_grad(), autocast():
         contexts = {p: sample.encode_prompts(pipeline, [p]).float() for p in (instance_prompt, class_prompt)}
-        cached = None
-        if args.cache_latents:  # each image's posterior, unflipped and flipped
+        cache = None
+        if args.cache_latents:  # each image's posterior, unflipped and flipped: [N, 4, h, w] each
             def encode(paths):
-                images = torch.stack([dreambooth.load_image(p, args.resolution) for p in paths]).to(device, half or torch.float32)
+                images = torch.stack([dreambooth.load_image(p, args.resolution) for p in paths]).to(device, frozen_dtype)
                 return [dreambooth.LatentDistribution.encode(pipeline.vae, x) for x in (images, images.flip(-1))]
-            cached = {"instance": encode(data.instance_paths), "class": encode(data.class_paths) if prior else None}
-            pipeline.vae.to("cpu")  # until validation needs it
+            cache = [encode(data.instance_paths), encode(data.class_paths) if prior else None]
+            pipeline.vae.to("cpu")  # frees the accelerator until validation needs it
             if not args.train_text_encoder:
                 pipeline.text_encoder.to("cpu")
 
@@ -245,11 +309,22 @@ def main(argv=None):
     if args.train_text_encoder:
         pipeline.text_encoder.train().requires_grad_(True)
         groups.append({"params": list(pipeline.text_encoder.parameters()), "lr": args.text_encoder_lr or args.lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.adam_weight_decay)
+    trained = {"unet": env.wrap(unet)}
+    if args.train_text_encoder:
+        trained["text_encoder"] = env.wrap(pipeline.text_encoder)
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
+    # All randomness of a step is drawn for the GLOBAL batch, identically on every rank, and each
+    # rank keeps its slice: N processes x batch B train exactly as 1 process x batch N*B, and one
+    # checkpoint (written by rank 0) resumes every rank.
     rng = random.Random(args.seed)                            # data order, crops, flips
     generator = torch.Generator().manual_seed(args.seed)      # noise, timesteps, latent samples
+    global_batch = env.world_size * args.batch_size
+    say(f"batch: {args.batch_size} per process x {env.world_size} processes x {args.grad_accum} accumulation "
+        f"= {global_batch * args.grad_accum} instance images per optimizer step"
+        + (" (+ as many class images)" if prior else "")
+        + f"; lr {args.lr:g} is used as given (not scaled with the batch)")
 
     step = 0
     checkpoints_dir = output_dir / "checkpoints"
@@ -260,91 +335,116 @@ def main(argv=None):
             if not found:
                 parser.exit(2, f"error: --resume latest: no checkpoint in {checkpoints_dir}\n")
             folder = found[-1]
-        step = load_checkpoint(folder, pipeline, args, optimizer, scaler, lr_schedule, rng, generator)
-        print(f"resumed from {folder} at step {step}", file=sys.stderr)
+        step = load_checkpoint(folder, pipeline, args, env, optimizer, scaler, lr_schedule, rng, generator)
+        say(f"resumed from {folder} at step {step}")
     log_path = output_dir / "loss.jsonl"
     records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() and step else []
     records = [r for r in records if r["step"] <= step]
+    if env.main:
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    def latents_for(indices):
-        """Scaled VAE latents of a batch: (instance, class or None)."""
-        if cached is None:
-            instance, klass = data.batch(indices, rng)
-            with torch.no_grad(), autocast():
-                encode = lambda x: pipeline.vae.encode(x.to(device, half or torch.float32)).sample(generator) * scaling_factor  # noqa: E731
-                return encode(instance).float(), encode(klass).float() if klass is not None else None
+    latent_shape = None
+    mine = slice(env.rank * args.batch_size, (env.rank + 1) * args.batch_size)  # this rank's items
 
-        def pick(distributions, paths_count):
-            picks = []
-            for k in indices:
-                flipped = args.flip and rng.random() < 0.5
-                d = distributions[int(flipped)]
-                i = k % paths_count
-                picks.append(dreambooth.LatentDistribution(d.mean[i:i + 1], d.std[i:i + 1]).sample(scaling_factor, generator))
-            return torch.cat(picks).float()
-        return (pick(cached["instance"], len(data.instance_paths)),
-                pick(cached["class"], len(data.class_paths)) if prior else None)
+    def posteriors(indices, item_rngs):
+        """LatentDistribution of this rank's instance and class images (or None)."""
+        if cache is not None:
+            def pick(distributions, count):
+                flips = [int(args.flip and r.random() < 0.5) for r in item_rngs]
+                mean = torch.stack([distributions[f].mean[k % count] for k, f in zip(indices, flips)])
+                std = torch.stack([distributions[f].std[k % count] for k, f in zip(indices, flips)])
+                return dreambooth.LatentDistribution(mean, std)
+            return (pick(cache[0], len(data.instance_paths)),
+                    pick(cache[1], len(data.class_paths)) if prior else None)
+        items = [data.item(k, r) for k, r in zip(indices, item_rngs)]
+        with torch.no_grad(), autocast():
+            encode = lambda x: dreambooth.LatentDistribution.encode(pipeline.vae, torch.stack(x).to(device, frozen_dtype))  # noqa: E731
+            return encode([i for i, _ in items]), encode([c for _, c in items]) if prior else None
 
-    trainable = [p for g in groups for p in g["params"]]
-    progress = tqdm(range(step, args.max_steps), initial=step, total=args.max_steps, desc="training")
+    progress = tqdm(range(step, args.max_steps), initial=step, total=args.max_steps, desc="training",
+                    disable=not env.main)
     for step in progress:
         totals = torch.zeros(3)
-        for _ in range(args.grad_accum):
-            indices = [rng.randrange(len(data)) for _ in range(args.batch_size)]
-            instance_latents, class_latents = latents_for(indices)
-            n = len(indices)
-            if args.train_text_encoder:
+        for micro in range(args.grad_accum):
+            # the global batch's randomness, then this rank's part of it
+            indices = [rng.randrange(len(data)) for _ in range(global_batch)]
+            item_rngs = [random.Random(rng.getrandbits(64)) for _ in range(global_batch)]
+            instance, klass = posteriors(indices[mine], item_rngs[mine])
+            latent_shape = instance.mean.shape[1:]
+            latent_noise = torch.randn((2, global_batch, *latent_shape), generator=generator)[:, mine]
+            noise = torch.randn((2, global_batch, *latent_shape), generator=generator)[:, mine]
+            timesteps = torch.randint(0, pipeline.scheduler.config.num_train_timesteps, (2, global_batch),
+                                      generator=generator)[:, mine]
+            instance_latents = instance.sample(latent_noise[0].to(device), scaling_factor).float()
+            class_latents = klass.sample(latent_noise[1].to(device), scaling_factor).float() if prior else None
+            n = args.batch_size
+            sync = contextlib.ExitStack()
+            if micro < args.grad_accum - 1:  # accumulate locally; all-reduce on the last micro-step only
+                for module in trained.values():
+                    if isinstance(module, DDP):
+                        sync.enter_context(module.no_sync())
+            with sync:
                 with autocast():
-                    instance_context = sample.encode_prompts(pipeline, [instance_prompt] * n)
-                    class_context = sample.encode_prompts(pipeline, [class_prompt] * n) if prior else None
-            else:
-                instance_context = contexts[instance_prompt].expand(n, -1, -1)
-                class_context = contexts[class_prompt].expand(n, -1, -1) if prior else None
-            with autocast():
-                loss, instance_loss, prior_loss = dreambooth.prior_preservation_loss(
-                    unet, pipeline.scheduler, instance_latents, instance_context, class_latents, class_context,
-                    args.prior_loss_weight, generator)
-            scaler.scale(loss / args.grad_accum).backward()
-            totals += torch.stack([loss.detach().float().cpu(), instance_loss.float().cpu(), prior_loss.float().cpu()]) / args.grad_accum
+                    if args.train_text_encoder:
+                        encoder = trained["text_encoder"]
+                        ids = tokenizer([instance_prompt] * n + ([class_prompt] * n if prior else [])).to(device)
+                        instance_context, class_context = (encoder(ids).split(n) + (None,))[:2]
+                    else:
+                        instance_context = contexts[instance_prompt].expand(n, -1, -1)
+                        class_context = contexts[class_prompt].expand(n, -1, -1) if prior else None
+                    loss, instance_loss, prior_loss = dreambooth.prior_preservation_loss(
+                        trained["unet"], pipeline.scheduler, instance_latents, instance_context,
+                        class_latents, class_context, args.prior_loss_weight,
+                        noise=noise.flatten(0, 1) if prior else noise[0],
+                        timesteps=timesteps.flatten() if prior else timesteps[0])
+                scaler.scale(loss / args.grad_accum).backward()
+            totals += torch.stack([loss.detach().float().cpu(), instance_loss.float().cpu(),
+                                   prior_loss.float().cpu()]) / args.grad_accum
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         lr_schedule.step()
+        if env.world_size > 1:  # log the mean over all ranks
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+            totals /= env.world_size
         record = {"step": step + 1, "loss": totals[0].item(), "instance_loss": totals[1].item(),
                   "prior_loss": totals[2].item(), "lr": lr_schedule.get_last_lr()[0]}
         if not all(math.isfinite(record[k]) for k in ("loss", "instance_loss", "prior_loss")):
             parser.exit(1, f"error: the loss is not finite at step {step + 1} ({record}); try a lower --lr "
                            "or --mixed_precision bf16/no. The last checkpoint is intact.\n")
         records.append(record)
-        with log_path.open("a" if step else "w") as f:
-            f.write(json.dumps(record) + "\n")
-        progress.set_postfix(loss=f"{record['loss']:.4f}", inst=f"{record['instance_loss']:.4f}",
-                             prior=f"{record['prior_loss']:.4f}", lr=f"{record['lr']:.2e}")
         done = step + 1
-        if args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.max_steps:
-            save_checkpoint(checkpoints_dir / f"step-{done:06d}", done, pipeline, args, optimizer, scaler,
-                            lr_schedule, rng, generator)
-        if args.validation_every and (done % args.validation_every == 0 or done == args.max_steps):
-            validate(pipeline, args, identifier, output_dir / "validation" / f"step-{done:06d}.png", device, half)
+        if env.main:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            progress.set_postfix(loss=f"{record['loss']:.4f}", inst=f"{record['instance_loss']:.4f}",
+                                 prior=f"{record['prior_loss']:.4f}", lr=f"{record['lr']:.2e}")
+            if args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.max_steps:
+                save_checkpoint(checkpoints_dir / f"step-{done:06d}", done, pipeline, args, env, optimizer,
+                                scaler, lr_schedule, rng, generator)
+            if args.validation_every and (done % args.validation_every == 0 or done == args.max_steps):
+                validate(pipeline, args, identifier, output_dir / "validation" / f"step-{done:06d}.png", device, half)
 
     # 6. the fine-tuned model: the trained modules into a fresh fp32 copy of the source, so the
     # frozen parts are saved exactly as they came (not rounded through the half precision).
-    final = load_pipeline(args.model)
-    final.unet = pipeline.unet.float().cpu()
-    if args.train_text_encoder:
-        final.text_encoder = pipeline.text_encoder.float().cpu()
-    save_pipeline(final, output_dir)
-    info = {"identifier": identifier, "class_noun": args.class_noun, "instance_prompt": instance_prompt,
-            "class_prompt": class_prompt if prior else None, "steps": args.max_steps, "args": vars(args)}
-    tmp = output_dir / ".dreambooth.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(output_dir / "dreambooth.json")
-    plot_losses(records, output_dir / "loss.png")
-    print(f"saved the fine-tuned model to {output_dir} (identifier {identifier!r}); try:\n"
-          f"  python sample.py --model {output_dir} --prompt \"{instance_prompt.replace(identifier, '[V]')}\"",
-          file=sys.stderr)
+    if env.main:
+        final = load_pipeline(args.model)
+        final.unet = pipeline.unet.float().cpu()
+        if args.train_text_encoder:
+            final.text_encoder = pipeline.text_encoder.float().cpu()
+        save_pipeline(final, output_dir)
+        info = {"identifier": identifier, "class_noun": args.class_noun, "instance_prompt": instance_prompt,
+                "class_prompt": class_prompt if prior else None, "steps": args.max_steps,
+                "world_size": env.world_size, "args": vars(args)}
+        tmp = output_dir / ".dreambooth.json.tmp"
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(output_dir / "dreambooth.json")
+        plot_losses(records, output_dir / "loss.png")
+        say(f"saved the fine-tuned model to {output_dir} (identifier {identifier!r}); try:\n"
+            f"  python sample.py --model {output_dir} --prompt \"{instance_prompt.replace(identifier, '[V]')}\"")
+    env.close()
     return 0
 
 
