@@ -446,11 +446,12 @@ PRESETS = {
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention: token t sees tokens 0..t, as in a language model."""
+    """Multi-head self-attention. Causal for text (token t sees tokens 0..t, as in a language
+    model); CLIP's image tower (vision.py) reuses it with causal=False."""
 
-    def __init__(self, config):
+    def __init__(self, config, causal=True):
         super().__init__()
-        self.num_heads = config.num_attention_heads
+        self.num_heads, self.causal = config.num_attention_heads, causal
         width = config.hidden_size
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
@@ -462,7 +463,7 @@ class CLIPAttention(nn.Module):
         # (B, T, D) -> (B, heads, T, head_dim)
         q, k, v = (proj(x).view(B, T, self.num_heads, -1).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # softmax(q k^T / sqrt(d)) v
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # softmax(q k^T / sqrt(d)) v
         # (B, heads, T, head_dim) -> (B, T, heads * head_dim)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
 
@@ -481,10 +482,10 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
 
-    def __init__(self, config):
+    def __init__(self, config, causal=True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = CLIPAttention(config)
+        self.self_attn = CLIPAttention(config, causal)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
 

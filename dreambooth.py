@@ -167,17 +167,22 @@ def ensure_class_images(pipeline, class_dir, class_prompt, num_images, *, seed=0
 # 4. The data: the subject's photos and the class images, as tensors in [-1, 1].
 
 
-def load_image(path, resolution, *, center_crop=True, rng=None):
-    """Read an image the way a photo is meant to be seen (EXIF orientation applied; alpha,
-    grey and palette images made RGB on white), resize its shorter side to `resolution` and crop
-    a square (centre, or random with `rng`). Returns [3, resolution, resolution] in [-1, 1]."""
+def open_rgb(path):
+    """An image the way a photo is meant to be seen: EXIF orientation applied; alpha, grey and
+    palette images made RGB, transparency on white."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
         if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             image = Image.new("RGB", rgba.size, (255, 255, 255))
             image.paste(rgba, mask=rgba.getchannel("A"))
-        image = image.convert("RGB")
+        return image.convert("RGB")
+
+
+def load_image(path, resolution, *, center_crop=True, rng=None):
+    """open_rgb, then resize the shorter side to `resolution` and crop a square (centre, or
+    random with `rng`). Returns [3, resolution, resolution] in [-1, 1]."""
+    image = open_rgb(path)
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.BICUBIC)

@@ -43,10 +43,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 
 import dreambooth
 import sample
+from clip_text import CLIPTokenizer
 from load_weights import LoadError, load_pipeline
 from vision import (CLIP_MODEL, DINO_MODEL, TINY_CLIP, TINY_DINO, CLIPTextModelWithProjection,
                     CLIPVisionModelWithProjection, ViTModel, load_clip, load_dino, preprocess, random_encoder)
@@ -151,7 +151,7 @@ class Encoders:
     dino: ViTModel
     clip_vision: CLIPVisionModelWithProjection
     clip_text: CLIPTextModelWithProjection
-    tokenizer: object  # clip_text.CLIPTokenizer
+    tokenizer: CLIPTokenizer
     names: dict        # {"dino": ..., "clip": ...}, as the report shows them
     random: bool = False
 
@@ -165,9 +165,9 @@ def load_encoders(dino=DINO_MODEL, clip=CLIP_MODEL, *, random_encoders=False, to
                         random_encoder(CLIPVisionModelWithProjection, TINY_CLIP, seed=seed + 1, device=device),
                         random_encoder(CLIPTextModelWithProjection, TINY_CLIP, seed=seed + 2, device=device),
                         tokenizer, names, random=True)
+    dino_model = load_dino(dino, device=device)
     clip_vision, clip_text, clip_tokenizer = load_clip(clip, device=device)
-    return Encoders(load_dino(dino, device=device), clip_vision, clip_text, clip_tokenizer,
-                    {"dino": str(dino), "clip": str(clip)})
+    return Encoders(dino_model, clip_vision, clip_text, clip_tokenizer, {"dino": str(dino), "clip": str(clip)})
 
 
 @torch.no_grad()
@@ -185,17 +185,6 @@ def embed_images(model, images, batch_size=32):
 def embed_texts(model, tokenizer, prompts):
     device = next(model.parameters()).device
     return model(tokenizer(prompts).to(device)).float().cpu()
-
-
-def read_image(path):
-    """A photo as it is meant to be seen: EXIF orientation applied, transparency on white, RGB."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            image = Image.new("RGB", rgba.size, (255, 255, 255))
-            image.paste(rgba, mask=rgba.getchannel("A"))
-        return image.convert("RGB")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,18 +357,17 @@ def main(argv=None):
     identifier, class_noun = read_dreambooth_json(parser, args.model)
     try:
         real_paths = dreambooth.list_images(args.instance_dir)
-        real_images = [read_image(p) for p in real_paths]
+        real_images = [dreambooth.open_rgb(p) for p in real_paths]
     except (FileNotFoundError, OSError) as e:
         parser.error(f"--instance_dir: {e}")
     lists = prompt_lists()
     kind = subject_type(class_noun, lists) if args.prompt_type == "auto" else args.prompt_type
     subject_prompts, class_prompts = make_prompts(lists[kind][:args.max_prompts], identifier, class_noun)
 
-    try:
+    try:  # the encoders first, so that a missing download fails in seconds
+        encoders = None if args.random_encoders else load_encoders(args.dino, args.clip, device=args.device)
         pipeline = load_pipeline(args.model, device=args.device)
-        # the encoders before any generation, so that a missing download fails in seconds
-        encoders = load_encoders(args.dino, args.clip, random_encoders=args.random_encoders,
-                                 tokenizer=pipeline.tokenizer, device=args.device)
+        encoders = encoders or load_encoders(random_encoders=True, tokenizer=pipeline.tokenizer, device=args.device)
     except (LoadError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
 

@@ -105,7 +105,8 @@ def read_state_dict(path):
     return state
 
 
-def _compact(keys, n=5):
+def compact(keys, n=5):
+    """The first n keys and a count of the rest, for error messages."""
     keys = sorted(keys)
     more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
@@ -122,29 +123,29 @@ def _hint(keys):
             "(SD 1.x vs 2.x)? Pass config= a diffusers folder that describes it.")
 
 
-def build_module(name, config, state_dict, *, dtype=torch.float32, device="cpu"):
-    """Build component `name` from its config on the meta device, then move the checkpoint's
-    tensors in with strict key and shape checks. `state_dict` maps our names to tensors."""
-    model_cls = COMPONENTS[name][0]
+def build_module(model_cls, config, state_dict, *, what, dtype=torch.float32, device="cpu", hint=_hint):
+    """Build model_cls(config) on the meta device, then move the checkpoint's tensors in with
+    strict key and shape checks. `state_dict` maps our names to tensors; `what` names the model
+    in errors and `hint(keys)` guesses the cause of a mismatch."""
     with torch.device("meta"):
         model = model_cls(config)
     expected = model.state_dict()
     missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
     if missing or unexpected:
         raise LoadError(
-            f"{name}: the checkpoint does not match the model.\n"
-            f"  missing ({len(missing)}): {_compact(missing) or '-'}\n"
-            f"  unexpected ({len(unexpected)}): {_compact(unexpected) or '-'}\n"
-            f"  {_hint(unexpected or missing)}"
+            f"{what}: the checkpoint does not match the model.\n"
+            f"  missing ({len(missing)}): {compact(missing) or '-'}\n"
+            f"  unexpected ({len(unexpected)}): {compact(unexpected) or '-'}\n"
+            f"  {hint(unexpected or missing)}"
         )
     tensors = {}
     for key, want in expected.items():
         tensor = state_dict[key]
         if tensor.shape != want.shape:
-            hint = (" A UNet with 9 input channels is an inpainting model, which is not supported."
-                    if key == "conv_in.weight" and tensor.shape[1] == 9 else f" {_hint([])}")
-            raise LoadError(f"{name}: {key} has shape {tuple(tensor.shape)} in the checkpoint, "
-                            f"but the config gives {tuple(want.shape)}.{hint}")
+            cause = ("A UNet with 9 input channels is an inpainting model, which is not supported."
+                     if key == "conv_in.weight" and tensor.shape[1] == 9 else hint([]))
+            raise LoadError(f"{what}: {key} has shape {tuple(tensor.shape)} in the checkpoint, "
+                            f"but the config gives {tuple(want.shape)}. {cause}")
         # Cast once, straight to the target; a tensor already right is used as it is (no copy).
         tensors[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
     model.load_state_dict(tensors, strict=True, assign=True)
@@ -208,7 +209,7 @@ def load_folder(folder, *, dtype=torch.float32, device="cpu", variant=None, sour
         state = read_state_dict(_weights_file(folder / name, stem, variant))
         if name == "text_encoder":
             state = _text_encoder_keys(state)
-        modules[name] = build_module(name, configs[name], state, dtype=dtype, device=device)
+        modules[name] = build_module(COMPONENTS[name][0], configs[name], state, what=name, dtype=dtype, device=device)
     return Pipeline(tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
                     scheduler=DDPMScheduler(configs["scheduler"]),
                     source=str(source or folder), raw_configs=raw, **modules)
@@ -223,19 +224,12 @@ def _hub_patterns(variant, ext):
     return configs, weights
 
 
-def download(repo_id, *, variant=None, revision=None, weights=True):
-    """Fetch what a pipeline needs from the Hub (or the local cache) and return the folder.
-    Honours HF_HOME, HF_HUB_OFFLINE and HF_TOKEN / `hf auth login` like every Hub tool."""
-    configs, safetensors_files = _hub_patterns(variant, ".safetensors")
+def hub_snapshot(repo_id, allow_patterns, *, revision=None):
+    """snapshot_download of the files matching allow_patterns (from the local cache when it has
+    them), with errors that say what to do. Honours HF_HOME, HF_HUB_OFFLINE and HF_TOKEN /
+    `hf auth login` like every Hub tool."""
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision,
-                                        allow_patterns=configs + (safetensors_files if weights else [])))
-        if weights:  # older repos hold only .bin files for some components
-            lacking = [p.split("/")[0] for p in safetensors_files if not (folder / p).is_file()]
-            if lacking:
-                _, bins = _hub_patterns(variant, ".bin")
-                folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=configs + [
-                    b for b in bins if b.split("/")[0] in lacking]))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
     except hub_errors.GatedRepoError as e:
         raise LoadError(f"{repo_id} is gated: accept its licence on its Hub page, then log in with "
                         "`hf auth login` (or set HF_TOKEN).") from e
@@ -250,6 +244,18 @@ def download(repo_id, *, variant=None, revision=None, weights=True):
             "and the Hub cannot be reached (no network, or HF_HUB_OFFLINE=1). Download it where there "
             f"is network (`hf download {repo_id}`), or pass a local folder or .safetensors file."
         ) from e
+
+
+def download(repo_id, *, variant=None, revision=None, weights=True):
+    """Fetch what a pipeline needs from the Hub (or the local cache) and return the folder."""
+    configs, safetensors_files = _hub_patterns(variant, ".safetensors")
+    folder = hub_snapshot(repo_id, configs + (safetensors_files if weights else []), revision=revision)
+    if weights:  # older repos hold only .bin files for some components
+        lacking = [p.split("/")[0] for p in safetensors_files if not (folder / p).is_file()]
+        if lacking:
+            _, bins = _hub_patterns(variant, ".bin")
+            folder = hub_snapshot(repo_id, configs + [b for b in bins if b.split("/")[0] in lacking],
+                                  revision=revision)
     return folder
 
 
@@ -382,7 +388,7 @@ def detect_family(checkpoint):
     keys = checkpoint.keys()
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise LoadError(f"This file holds no Stable Diffusion UNet (no '{UNET_PREFIX}*' keys). "
-                        f"First keys: {_compact(keys)}. {_hint(keys)}")
+                        f"First keys: {compact(keys)}. {_hint(keys)}")
     if any(k.startswith(("conditioner.", "model.diffusion_model.label_emb")) for k in keys):
         raise LoadError("This is an SDXL checkpoint; only SD 1.x and 2.x are supported.")
     conv_in = checkpoint.get(UNET_PREFIX + "input_blocks.0.0.weight")
@@ -429,10 +435,10 @@ def load_single_file(path, *, config=None, prediction_type=None, dtype=torch.flo
         absent = [v for v in names.values() if v not in checkpoint]
         if absent:
             raise LoadError(f"{path}: the {name} weights are incomplete for this config; missing "
-                            f"({len(absent)}): {_compact(absent)}. {_hint(absent)}")
+                            f"({len(absent)}): {compact(absent)}. {_hint(absent)}")
         state = {k: _from_original(checkpoint, k, v) for k, v in names.items()}
         used.update(names.values())
-        modules[name] = build_module(name, configs[name], state, dtype=dtype, device=device)
+        modules[name] = build_module(COMPONENTS[name][0], configs[name], state, what=name, dtype=dtype, device=device)
     # Keys left over inside the models' prefixes mean a config that does not match (e.g. a
     # larger model). Outside them (schedules, the EMA copy's counters) and OpenCLIP's unused
     # last layer and projections are not part of the pipeline.
@@ -441,7 +447,7 @@ def load_single_file(path, *, config=None, prediction_type=None, dtype=torch.flo
                 if k.startswith(prefixes) and k not in used and not k.endswith("position_ids")]
     if leftover:
         raise LoadError(f"{path}: weights the config has no place for ({len(leftover)}): "
-                        f"{_compact(leftover)}. {_hint(leftover)}")
+                        f"{compact(leftover)}. {_hint(leftover)}")
     return Pipeline(tokenizer=CLIPTokenizer.from_folder(Path(config) / "tokenizer"),
                     scheduler=DDPMScheduler(configs["scheduler"]), source=str(path),
                     raw_configs=raw, **modules)

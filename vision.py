@@ -37,12 +37,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub import errors as hub_errors
-from huggingface_hub import snapshot_download
 from PIL import Image
 
 from clip_text import ACTIVATIONS, CLIPAttention, CLIPEncoderLayer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from load_weights import TOKENIZER_FILES, LoadError, _compact, _read_json, read_state_dict
+from load_weights import TOKENIZER_FILES, LoadError, build_module, compact, hub_snapshot, read_state_dict
 
 DINO_MODEL = "facebook/dino-vits16"
 CLIP_MODEL = "openai/clip-vit-base-patch32"
@@ -200,21 +198,6 @@ def bidirectional_attention(x, q_proj, k_proj, v_proj, num_heads):
     return out.transpose(1, 2).reshape(B, T, D)
 
 
-class CLIPVisionAttention(CLIPAttention):
-    """CLIP's attention (clip_text.py) without the causal mask: patches see each other."""
-
-    def forward(self, x):
-        return self.out_proj(bidirectional_attention(x, self.q_proj, self.k_proj, self.v_proj, self.num_heads))
-
-
-class CLIPVisionEncoderLayer(CLIPEncoderLayer):
-    """The text tower's pre-LayerNorm block (same names, same MLP), bidirectional."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.self_attn = CLIPVisionAttention(config)
-
-
 class ViTLayer(nn.Module):
     """The same pre-LayerNorm block under the Hub ViT names:
     x + attention(layernorm_before(x)), then x + mlp(layernorm_after(x))."""
@@ -317,7 +300,7 @@ class CLIPVisionModelWithProjection(nn.Module):
             embeddings=CLIPVisionEmbeddings(vision),
             pre_layrnorm=nn.LayerNorm(vision.hidden_size, eps=vision.layer_norm_eps),
             encoder=nn.ModuleDict(dict(layers=nn.ModuleList(
-                CLIPVisionEncoderLayer(vision) for _ in range(vision.num_hidden_layers)))),
+                CLIPEncoderLayer(vision, causal=False) for _ in range(vision.num_hidden_layers)))),
             post_layernorm=nn.LayerNorm(vision.hidden_size, eps=vision.layer_norm_eps),
         ))
         self.visual_projection = nn.Linear(vision.hidden_size, config.projection_dim, bias=False)
@@ -359,39 +342,24 @@ class CLIPTextModelWithProjection(CLIPTextModel):
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # safetensors first
 
 
+def _encoder_hint(keys):
+    return "Is this the right kind of checkpoint (DINO ViT for --dino, CLIPModel for --clip)?"
+
+
 def build_encoder(model_cls, config, state_dict, what, *, device="cpu"):
-    """Build `model_cls(config)` on the meta device and move the checkpoint's tensors in, with
-    strict key and shape checks (as load_weights.build_module does for the pipeline), fp32."""
-    with torch.device("meta"):
-        model = model_cls(config)
-    expected = model.state_dict()
-    missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
-    if missing or unexpected:
-        raise LoadError(f"{what}: the checkpoint does not match the model.\n"
-                        f"  missing ({len(missing)}): {_compact(missing) or '-'}\n"
-                        f"  unexpected ({len(unexpected)}): {_compact(unexpected) or '-'}")
-    for key, want in expected.items():
-        if state_dict[key].shape != want.shape:
-            raise LoadError(f"{what}: {key} has shape {tuple(state_dict[key].shape)} in the checkpoint, "
-                            f"but config.json gives {tuple(want.shape)}.")
-    model.load_state_dict({k: v.to(device, torch.float32) for k, v in state_dict.items()}, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    """load_weights.build_module for an encoder: strict keys and shapes, fp32, frozen."""
+    return build_module(model_cls, config, state_dict, what=what, device=device, hint=_encoder_hint)
 
 
 def _download(repo_id, extra_files):
     """config.json, the weights (safetensors, else the pickle) and `extra_files` of a Hub repo."""
     try:
         for weights in WEIGHT_FILES:
-            folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", weights, *extra_files]))
+            folder = hub_snapshot(repo_id, ["config.json", weights, *extra_files])
             if (folder / weights).is_file():
                 return folder
-    except hub_errors.RepositoryNotFoundError as e:
-        raise LoadError(f"There is no Hub repo named {repo_id!r} (or it is private: log in with "
-                        "`hf auth login`). For local weights pass a folder.") from e
-    except hub_errors.LocalEntryNotFoundError as e:
-        raise LoadError(f"{repo_id} is not in the local Hub cache and the Hub cannot be reached (no network, "
-                        f"or HF_HUB_OFFLINE=1). Download it where there is network (`hf download {repo_id}`), "
-                        "pass a local folder, or use --random_encoders for an offline smoke run.") from e
+    except LoadError as e:
+        raise LoadError(f"{e} For an offline smoke run, use --random_encoders.") from e
     raise LoadError(f"{repo_id} has no {' or '.join(WEIGHT_FILES)}.")
 
 
@@ -404,6 +372,17 @@ def encoder_folder(source, extra_files=()):
         raise LoadError(f"{source!r} does not exist. Pass a Hub repo id (like {DINO_MODEL!r} or "
                         f"{CLIP_MODEL!r}) or a folder with config.json and model.safetensors.")
     return _download(str(source), extra_files)
+
+
+def _read_config(folder):
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LoadError(f"{path} is missing: an encoder folder holds config.json and model.safetensors "
+                        "(or pytorch_model.bin), as the Hub repos do.") from None
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{path} is not valid JSON ({e}).") from None
 
 
 def _state_dict(folder):
@@ -420,7 +399,7 @@ def load_dino(source=DINO_MODEL, *, device="cpu"):
     (keys under `vit.`); transformers' pooler (a dense + tanh head that DINO does not have, absent
     from facebook/dino-vits16) is not part of the embedding and is dropped if present."""
     folder = encoder_folder(source)
-    config = ViTConfig.from_dict(_read_json(Path(folder) / "config.json"))
+    config = ViTConfig.from_dict(_read_config(folder))
     state = {k.removeprefix("vit."): v for k, v in _state_dict(folder).items()}
     state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
     return build_encoder(ViTModel, config, state, f"DINO encoder {source}", device=device)
@@ -431,14 +410,14 @@ def load_clip(source=CLIP_MODEL, *, device="cpu"):
     folder also holds the tokenizer files. The temperature `logit_scale` is not needed (cosine
     similarities only) and is dropped; every other tensor must find its place."""
     folder = Path(encoder_folder(source, TOKENIZER_FILES))
-    config = CLIPConfig.from_dict(_read_json(folder / "config.json"))
+    config = CLIPConfig.from_dict(_read_config(folder))
     state = {k: v for k, v in _state_dict(folder).items() if k != "logit_scale"}
     towers = {"vision": ("vision_model.", "visual_projection."), "text": ("text_model.", "text_projection.")}
     split = {tower: {k: v for k, v in state.items() if k.startswith(prefixes)} for tower, prefixes in towers.items()}
     leftover = state.keys() - split["vision"].keys() - split["text"].keys()
     if leftover:
         raise LoadError(f"CLIP encoder {source}: tensors that belong to neither tower ({len(leftover)}): "
-                        f"{_compact(leftover)}. Is this a CLIPModel checkpoint?")
+                        f"{compact(leftover)}. Is this a CLIPModel checkpoint?")
     vision = build_encoder(CLIPVisionModelWithProjection, config, split["vision"], f"CLIP image tower {source}", device=device)
     text = build_encoder(CLIPTextModelWithProjection, config, split["text"], f"CLIP text tower {source}", device=device)
     try:

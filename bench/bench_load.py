@@ -13,8 +13,8 @@ After the warm-up the weight files are in the page cache for both sides: this me
 loading from memory, not from disk.
 
 Each child reports: the load call's wall and CPU time; VmHWM (peak RSS) right after the call;
-then it reads every weight once (a sum over each tensor, as a first forward pass would) and
-reports the time of that first read and the final VmHWM. Memory-mapped weights are not read
+then it reads one byte of every 4 KiB page of every weight (bringing all of them in, as the
+first forward pass would) and reports the time of that first read and the final VmHWM. Memory-mapped weights are not read
 by the load itself, so "after load" alone would flatter a lazy loader: the final peak is the
 figure compared with the target (peak RSS <= 1.2 x the bytes of the loaded weights).
 
@@ -33,14 +33,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (also puts the project root on sys.path)
 
-DTYPES = {"fp32": ("float32", None), "fp16": ("float16", "fp16")}
+# case -> (dtype to load as, file variant)
+DTYPES = {"fp32": ("float32", None), "fp16": ("float16", "fp16"),
+          "fp32-to-fp16": ("float16", None)}  # an extra case: converting while loading
+SIDES = ("ours", "ours+dynamo", "diffusers", "diffusers+accelerate")
 
 
 def child(side, precision, folder):
     """One load in this (fresh) process; prints a JSON line."""
     t0 = time.perf_counter()
     import torch
-    if side == "ours":
+    if side.startswith("ours"):
+        if side == "ours+dynamo":  # diagnostic: what diffusers' imports do anyway (see README)
+            import torch._dynamo  # noqa: F401
         from load_weights import load_pipeline
     else:
         from diffusers import StableDiffusionPipeline
@@ -49,7 +54,7 @@ def child(side, precision, folder):
     dtype_name, variant = DTYPES[precision]
     dtype = getattr(torch, dtype_name)
 
-    if side == "ours":
+    if side.startswith("ours"):
         load = lambda: load_pipeline(folder, dtype=dtype, variant=variant)
     else:
         load = lambda: StableDiffusionPipeline.from_pretrained(
@@ -61,11 +66,10 @@ def child(side, precision, folder):
     dtypes = sorted({str(p.dtype) for m in modules for p in m.parameters()})
     weight_bytes = common.module_bytes(*modules)
 
-    def read_all():  # every weight read once, as the first forward pass would
-        with torch.no_grad():
-            return sum(float(t.float().sum()) if t.dtype == torch.float16 else float(t.sum())
-                       for m in modules for t in list(m.parameters()) + list(m.buffers())
-                       if t.is_floating_point())
+    def read_all():  # one byte of every 4 KiB page of every weight: brings all pages in, as
+        with torch.no_grad():  # the first forward pass would, with next to no arithmetic
+            return sum(int(t.detach().reshape(-1).view(torch.uint8)[::4096].sum())
+                       for m in modules for t in list(m.parameters()) + list(m.buffers()))
     checksum, touch_t = common.measure(read_all)
     final = common.proc_status()
     print(json.dumps(dict(side=side, precision=precision, import_s=import_s, load=load_t,
@@ -76,15 +80,18 @@ def child(side, precision, folder):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_cache_arg(p)
-    p.add_argument("--precision", choices=["fp32", "fp16", "both"], default="both")
+    p.add_argument("--precision", default="fp32,fp16",
+                   help=f"comma-separated cases among {', '.join(DTYPES)} (fp32-to-fp16: the fp32 "
+                        "files loaded as fp16)")
     p.add_argument("--rounds", type=int, default=3, help="measured rounds per case (after --warmup)")
     p.add_argument("--warmup", type=int, default=1, help="rounds dropped at the start (page cache warm-up)")
     p.add_argument("--accelerate-path", help="a folder holding accelerate (pip --target): adds the side "
                                              "'diffusers+accelerate' with it on PYTHONPATH")
     p.add_argument("--sides", default="ours,diffusers",
-                   help="comma-separated among ours, diffusers, diffusers+accelerate")
+                   help=f"comma-separated among {', '.join(SIDES)} (ours+dynamo: ours with "
+                        "torch._dynamo imported before the timer, as diffusers' imports do)")
     p.add_argument("--json", help="also write the raw child results to this file")
-    p.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--child-precision", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -92,9 +99,14 @@ def main(argv=None):
 
     folder = common.build_sd15_folder(args.cache, fp16=True)
     sides = args.sides.split(",")
+    precisions = args.precision.split(",")
+    for name, allowed in (("side", SIDES), ("precision", DTYPES)):
+        bad = [x for x in (sides if name == "side" else precisions) if x not in allowed]
+        if bad:
+            p.error(f"unknown {name} {bad}; choose among {', '.join(allowed)}")
     if args.accelerate_path and "diffusers+accelerate" not in sides:
         sides.append("diffusers+accelerate")
-    env_of = {"ours": {}, "diffusers": {}}
+    env_of = {"ours": {}, "ours+dynamo": {}, "diffusers": {}}
     if "diffusers+accelerate" in sides:
         if not args.accelerate_path:
             p.error("the side diffusers+accelerate needs --accelerate-path")
@@ -103,7 +115,6 @@ def main(argv=None):
     base_env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
                 "DIFFUSERS_VERBOSITY": "error", "TQDM_DISABLE": "1",
                 "PYTHONWARNINGS": "ignore::FutureWarning"}
-    precisions = ["fp32", "fp16"] if args.precision == "both" else [args.precision]
 
     print(f"machine: {common.machine_line()}")
     print(f"load average at start: {' '.join(common.load_average())}")
@@ -114,7 +125,7 @@ def main(argv=None):
         results = {s: [] for s in sides}
         for r in range(args.warmup + args.rounds):
             for side in (sides if r % 2 == 0 else sides[::-1]):
-                child_side = "ours" if side == "ours" else "diffusers"
+                child_side = "diffusers" if side == "diffusers+accelerate" else side
                 out, usage = common.run_child(
                     [__file__, "--child", child_side, "--child-precision", precision, "--cache", str(folder)],
                     env={**base_env, **env_of[side]})

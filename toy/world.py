@@ -1,0 +1,249 @@
+"""The toy world: small procedural photos of one object in a named context, with captions.
+
+Every image is a Scene: an object (a class noun: square, circle, triangle, star), painted in one
+of seven colours, of varied size, position and tilt, in front of one of five contexts (a
+background gradient: grass, sand, sky, snow, night). Its caption names what a user would:
+
+    "a photo of a red square on the grass", "a blue star in the sky", "a photo of circle", ...
+
+The pretraining world never contains the SUBJECTS below: objects with a pattern (stripes, an
+eye, two halves) or a colour the world does not have. They play the part of the user's dog in
+DreamBooth: a few photos of one distinctive instance of a known class.
+
+Everything is deterministic given a seed. Images are drawn 4x larger and box-filtered down, so
+edges are anti-aliased like a photo's rather than hard pixel steps.
+
+    python -m toy.world OUT_DIR        # a contact sheet of the world and of each subject
+"""
+import math
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 32                 # pixels per side of every image
+SUPERSAMPLE = 4           # drawn at SIZE * SUPERSAMPLE, then averaged down (anti-aliasing)
+MARGIN = 2                # pixels kept clear between the object and the image's sides
+
+CLASSES = ("square", "circle", "triangle", "star")
+COLOURS = {
+    "red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (245, 215, 40), "green": (90, 230, 90),
+    "blue": (40, 80, 220), "purple": (140, 60, 200), "pink": (250, 130, 190),
+}
+# context phrase -> (top colour, bottom colour) of its background gradient. The object colours
+# above are chosen far from every background, so an object can be told from its context.
+CONTEXTS = {
+    "on the grass": ((70, 130, 50), (30, 90, 30)),
+    "on the sand": ((235, 215, 165), (200, 175, 120)),
+    "in the sky": ((90, 150, 230), (170, 210, 245)),
+    "in the snow": ((215, 220, 230), (250, 250, 252)),
+    "at night": ((10, 10, 35), (35, 35, 80)),
+}
+RADIUS = (5.0, 10.0)      # object size: radius in pixels (10 to 20 px across)
+TILT = {"square": 20.0, "circle": 0.0, "triangle": 15.0, "star": 15.0}  # max |angle|, degrees
+
+
+@dataclass(frozen=True)
+class Scene:
+    noun: str                       # one of CLASSES: the shape
+    context: str                    # one of CONTEXTS
+    cx: float                       # centre and radius, in pixels
+    cy: float
+    radius: float
+    angle: float = 0.0              # degrees
+    colour: str | None = None       # a COLOURS name (world objects), or None for a painted subject
+    paint: str = "solid"            # solid, stripes, eye, split (see paint_layer)
+    colours: tuple = ()             # RGB colours of the paint
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing
+
+
+def background(context, size=SIZE * SUPERSAMPLE):
+    """The context's vertical gradient, float [size, size, 3] in 0..255."""
+    top, bottom = (np.array(c, dtype=np.float32) for c in CONTEXTS[context])
+    w = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]  # (rows, 1, 1)
+    return np.broadcast_to(top * (1 - w) + bottom * w, (size, size, 3))
+
+
+def outline(scene, scale=SUPERSAMPLE):
+    """The shape as a polygon (list of (x, y)) or, for a circle, its bounding box."""
+    cx, cy, r = scene.cx * scale, scene.cy * scale, scene.radius * scale
+    a = math.radians(scene.angle)
+
+    def rotate(points):
+        return [(cx + x * math.cos(a) - y * math.sin(a), cy + x * math.sin(a) + y * math.cos(a)) for x, y in points]
+
+    if scene.noun == "circle":
+        r *= 0.9
+        return [(cx - r, cy - r), (cx + r, cy + r)]
+    if scene.noun == "square":
+        h = 0.8 * r
+        return rotate([(-h, -h), (h, -h), (h, h), (-h, h)])
+    if scene.noun == "triangle":  # pointing up, centred on its centroid shifted a little down
+        return rotate([(r * math.cos(math.radians(-90 + 120 * k)), r * math.sin(math.radians(-90 + 120 * k)) + 0.15 * r)
+                       for k in range(3)])
+    if scene.noun == "star":  # five points; inner radius 0.45 of the outer
+        return rotate([((r if k % 2 == 0 else 0.45 * r) * math.cos(math.radians(-90 + 36 * k)),
+                        (r if k % 2 == 0 else 0.45 * r) * math.sin(math.radians(-90 + 36 * k))) for k in range(10)])
+    raise ValueError(f"unknown object class {scene.noun!r}; the world has {CLASSES}")
+
+
+def paint_layer(scene, size=SIZE * SUPERSAMPLE, scale=SUPERSAMPLE):
+    """The object's colours at every pixel, float [size, size, 3]; the shape's mask cuts it out.
+    Patterns are laid out relative to the object's centre and radius:
+      solid   one colour
+      stripes five horizontal bands across the object, alternating colours[0] and colours[1]
+      eye     colours[0] with a disc of colours[1] of 0.45 the radius in the centre
+      split   left half colours[0], right half colours[1]"""
+    colours = [np.array(c, dtype=np.float32) for c in (scene.colours or (COLOURS[scene.colour],))]
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    u, v = (x / scale - scene.cx) / scene.radius, (y / scale - scene.cy) / scene.radius  # object coordinates
+    if scene.paint == "solid":
+        second = np.zeros_like(u, dtype=bool)
+    elif scene.paint == "stripes":
+        second = np.floor((v + 1) * 2.5).astype(int) % 2 == 1
+    elif scene.paint == "eye":
+        second = u ** 2 + v ** 2 < 0.45 ** 2
+    elif scene.paint == "split":
+        second = u > 0
+    else:
+        raise ValueError(f"unknown paint {scene.paint!r}")
+    layer = np.where(second[..., None], colours[-1], colours[0])
+    return layer
+
+
+def render(scene):
+    """The scene as a SIZE x SIZE RGB PIL image."""
+    big = SIZE * SUPERSAMPLE
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    shape = outline(scene)
+    (draw.ellipse if scene.noun == "circle" else draw.polygon)(shape, fill=255)
+    alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
+    pixels = background(scene.context) * (1 - alpha) + paint_layer(scene) * alpha
+    # box filter: average each SUPERSAMPLE x SUPERSAMPLE block, (big, big, 3) -> (SIZE, SIZE, 3)
+    pixels = pixels.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))
+    return Image.fromarray(np.clip(pixels.round(), 0, 255).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling scenes and captions
+
+
+def place(rng, noun, radius_range=RADIUS):
+    """A random size, position (fully inside, MARGIN clear of the sides) and tilt."""
+    r = rng.uniform(*radius_range)
+    cx, cy = (rng.uniform(r + MARGIN, SIZE - r - MARGIN) for _ in range(2))
+    return dict(cx=cx, cy=cy, radius=r, angle=rng.uniform(-TILT[noun], TILT[noun]))
+
+
+def random_scene(rng):
+    """One scene of the pretraining world: class, colour and context uniform."""
+    noun = rng.choice(CLASSES)
+    return Scene(noun=noun, context=rng.choice(list(CONTEXTS)), colour=rng.choice(list(COLOURS)),
+                 **place(rng, noun))
+
+
+# The templates use the forms DreamBooth's prompts take: "a photo of {identifier} {class}",
+# "a photo of {class}" (train.py's defaults, without an article) and "a {identifier} {class}
+# {context}" (the README's sampling example), so that the identifier lands where the world's
+# captions put an adjective.
+TEMPLATES = ("a photo of a {object}", "a photo of {object}", "a {object}")
+P_DROP_COLOUR, P_DROP_CONTEXT, P_EMPTY = 0.3, 0.3, 0.1
+
+
+def caption(scene, rng):
+    """A caption of a world scene. The colour and the context are each left out at times, so
+    that "a photo of square" means a square of any colour anywhere; 10% of captions are empty,
+    which teaches the unconditional prediction that classifier-free guidance needs."""
+    if rng.random() < P_EMPTY:
+        return ""
+    words = [scene.colour] if scene.colour and rng.random() >= P_DROP_COLOUR else []
+    obj = " ".join(words + [scene.noun])
+    text = rng.choice(TEMPLATES).format(object=obj)
+    if rng.random() >= P_DROP_CONTEXT:
+        text += " " + scene.context
+    return text
+
+
+def caption_words():
+    """Every word a caption can contain."""
+    words = {w for t in TEMPLATES for w in t.replace("{object}", "").split()}
+    words |= set(CLASSES) | set(COLOURS) | {w for c in CONTEXTS for w in c.split()}
+    return sorted(words)
+
+
+def make_dataset(num_images, seed=0):
+    """(uint8 array [N, SIZE, SIZE, 3], list of N scenes), the same for the same seed."""
+    rng = random.Random(seed)
+    scenes = [random_scene(rng) for _ in range(num_images)]
+    return np.stack([np.asarray(render(s)) for s in scenes]), scenes
+
+
+# ----------------------------------------------------------------------------------------------
+# Subjects: distinctive instances the pretraining world never shows
+
+
+@dataclass(frozen=True)
+class Subject:
+    noun: str                   # its class noun (the paper's "dog")
+    paint: str
+    colours: tuple
+    contexts: tuple             # the contexts its photos are taken in; the others are novel to it
+
+
+SUBJECTS = {
+    "bee_square": Subject("square", "stripes", ((250, 200, 0), (30, 30, 30)), ("on the grass", "on the sand", "in the snow")),
+    "eye_circle": Subject("circle", "eye", ((0, 160, 160), (250, 250, 250)), ("on the grass", "on the sand", "in the snow")),
+    "split_star": Subject("star", "split", ((220, 40, 40), (40, 80, 220)), ("on the grass", "on the sand", "in the snow")),
+}
+SUBJECT_RADIUS = (8.0, 10.0)    # large enough for the pattern to show at 32 px
+SUBJECT_IMAGES = 5
+
+
+def subject_scene(name, context, rng):
+    subject = SUBJECTS[name]
+    placed = place(rng, subject.noun, SUBJECT_RADIUS)
+    placed["angle"] = 0.0  # the pattern keeps its orientation
+    return Scene(noun=subject.noun, context=context, paint=subject.paint, colours=subject.colours, **placed)
+
+
+def subject_images(name, num_images=SUBJECT_IMAGES, seed=0):
+    """The subject's photos: varied size and position, cycling through its contexts."""
+    rng = random.Random(f"{name}-{seed}")
+    contexts = SUBJECTS[name].contexts
+    return [render(subject_scene(name, contexts[i % len(contexts)], rng)) for i in range(num_images)]
+
+
+def write_subjects(folder):
+    """toy/subjects/<name>/<k>.png for every subject."""
+    for name in SUBJECTS:
+        out = Path(folder) / name
+        out.mkdir(parents=True, exist_ok=True)
+        for k, image in enumerate(subject_images(name)):
+            image.save(out / f"{k}.png")
+    return Path(folder)
+
+
+def contact_sheet(images, columns=8, scale=2):
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (columns * SIZE, rows * SIZE), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * SIZE, (i // columns) * SIZE))
+    return sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST)
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "toy-world")
+    out.mkdir(parents=True, exist_ok=True)
+    images, scenes = make_dataset(32, seed=0)
+    contact_sheet([Image.fromarray(a) for a in images]).save(out / "world.png")
+    rng = random.Random(0)
+    (out / "captions.txt").write_text("\n".join(caption(s, rng) for s in scenes) + "\n")
+    contact_sheet([im for name in SUBJECTS for im in subject_images(name)], columns=SUBJECT_IMAGES).save(out / "subjects.png")
+    print(f"wrote {out / 'world.png'}, {out / 'captions.txt'} and {out / 'subjects.png'}")
