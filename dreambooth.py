@@ -36,13 +36,19 @@ import sample
 # letters whose merge rank is high. Community practice ("sks") is such a token too, but a chosen
 # one: it is a rifle's name, and that prior leaks into images.
 
-RARE_MERGE_RANKS = (40000, 48894)  # the last fifth of CLIP's 48894 merges
+RARE_FRACTION = 0.2  # rare = among the last fifth of the merges (CLIP: ranks 39115-48893)
 
 
-def rare_token_candidates(tokenizer, merge_ranks=RARE_MERGE_RANKS, max_letters=3):
+def rare_merge_ranks(tokenizer, fraction=RARE_FRACTION):
+    """(lowest, highest) merge rank of the last `fraction` of the tokenizer's merges."""
+    n = len(tokenizer.merges)
+    return int(n * (1 - fraction)), n - 1
+
+
+def rare_token_candidates(tokenizer, merge_ranks=None, max_letters=3):
     """Whole-word vocabulary tokens (ending in </w>) of 1..max_letters ASCII letters whose BPE
-    merge rank lies in merge_ranks, rarest last."""
-    low, high = merge_ranks
+    merge rank lies in merge_ranks (default: rare_merge_ranks), rarest last."""
+    low, high = merge_ranks or rare_merge_ranks(tokenizer)
     candidates = []
     for token in tokenizer.vocab:
         word = token.removesuffix("</w>")
@@ -53,11 +59,12 @@ def rare_token_candidates(tokenizer, merge_ranks=RARE_MERGE_RANKS, max_letters=3
     return [word for _, word in sorted(candidates)]
 
 
-def choose_identifier(tokenizer, class_noun, *, seed=0, num_tokens=1, merge_ranks=RARE_MERGE_RANKS):
+def choose_identifier(tokenizer, class_noun, *, seed=0, num_tokens=1, merge_ranks=None):
     """Sample `num_tokens` rare tokens (seeded, so a run is repeatable) and join them into [V]."""
     candidates = [w for w in rare_token_candidates(tokenizer, merge_ranks) if w not in class_noun.lower().split()]
     if len(candidates) < num_tokens:
-        raise ValueError(f"only {len(candidates)} rare tokens in merge ranks {merge_ranks}: widen the range")
+        raise ValueError(f"only {len(candidates)} rare tokens in merge ranks "
+                         f"{merge_ranks or rare_merge_ranks(tokenizer)}: widen the range")
     identifier = " ".join(random.Random(seed).sample(candidates, num_tokens))
     check_identifier(tokenizer, identifier, class_noun)
     return identifier
@@ -83,10 +90,10 @@ def check_identifier(tokenizer, identifier, class_noun, template="a photo of {id
     return identifier_ids
 
 
-def warn_if_common(tokenizer, identifier, merge_ranks=RARE_MERGE_RANKS):
+def warn_if_common(tokenizer, identifier):
     """A user-chosen identifier may carry a prior of its own: say so when it is not rare."""
     ranks = [tokenizer.merge_rank(tokenizer.id_to_token(i)) for i in tokenizer.encode(identifier)[1:-1]]
-    common = [r for r in ranks if r is None or r < merge_ranks[0]]
+    common = [r for r in ranks if r is None or r < rare_merge_ranks(tokenizer)[0]]
     note = f"is made of frequent tokens (merge ranks {ranks})" if common else "is a chosen word"
     print(f"note: identifier {identifier!r} {note}; it may carry a meaning of its own that leaks "
           "into images (e.g. 'sks' is a rifle). Leave --identifier out to draw a rare token.", file=sys.stderr)
@@ -294,4 +301,4 @@ if __name__ == "__main__":  # a quick look at the identifiers a vocabulary offer
     from clip_text import CLIPTokenizer
     tok = CLIPTokenizer.from_folder(sys.argv[1])
     words = rare_token_candidates(tok)
-    print(f"{len(words)} rare identifiers in merge ranks {RARE_MERGE_RANKS}, e.g.:", " ".join(words[-40:]))
+    print(f"{len(words)} rare identifiers in merge ranks {rare_merge_ranks(tok)}, e.g.:", " ".join(words[-40:]))

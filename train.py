@@ -42,6 +42,8 @@ def build_parser():
     g.add_argument("--instance_dir", required=True, help="folder with 3-5 photos of the subject")
     g.add_argument("--class_noun", required=True, help="the subject's coarse class, e.g. dog")
     g.add_argument("--identifier", help="the [V] word (default: a rare token drawn from the vocabulary)")
+    g.add_argument("--rare_ranks", type=int, nargs=2, metavar=("LOW", "HIGH"),
+                   help="BPE merge ranks to draw the identifier from (default: the last fifth of the merges)")
     g.add_argument("--instance_template", default=dreambooth.INSTANCE_TEMPLATE)
     g.add_argument("--class_template", default=dreambooth.CLASS_TEMPLATE)
     g = p.add_argument_group("prior preservation")
@@ -268,7 +270,11 @@ def train(parser, args, env):
             dreambooth.warn_if_common(tokenizer, args.identifier)
         identifier = args.identifier
     else:
-        identifier = dreambooth.choose_identifier(tokenizer, args.class_noun, seed=args.seed)
+        try:
+            identifier = dreambooth.choose_identifier(tokenizer, args.class_noun, seed=args.seed,
+                                                      merge_ranks=args.rare_ranks)
+        except ValueError as e:
+            parser.error(str(e))
     instance_prompt, class_prompt = dreambooth.make_prompts(identifier, args.class_noun,
                                                              args.instance_template, args.class_template)
     say(f"identifier: {identifier!r}\ninstance prompt: {instance_prompt!r}")

@@ -177,3 +177,14 @@ def test_cli_end_to_end_on_real_photos(tiny_sd1, tmp_path):
     pngs = sorted((tmp_path / "samples").glob("*-seed*.png"))
     assert len(pngs) == 2
     assert Image.open(pngs[0]).text["prompt"] == f"a {identifier} dog"
+
+
+def test_rare_ranks_flag(tiny_sd1, instance_dir, tmp_path, capsys):
+    out = run(tiny_sd1, instance_dir, tmp_path / "out", "--no_prior_preservation", "--max_steps", "1",
+              "--rare_ranks", "47000", "47700")
+    identifier = json.loads((out / "dreambooth.json").read_text())["identifier"]
+    tokenizer = load_pipeline(tiny_sd1).tokenizer
+    assert 47000 <= tokenizer.merge_rank(identifier + "</w>") <= 47700
+    with pytest.raises(SystemExit):
+        run(tiny_sd1, instance_dir, tmp_path / "bad", "--max_steps", "1", "--rare_ranks", "5", "6")
+    assert "widen the range" in capsys.readouterr().err
