@@ -102,6 +102,8 @@ def check_args(p, args):
         p.error("--lr must be positive and --prior_loss_weight non-negative")
     if args.cache_latents and not args.center_crop:
         p.error("--cache_latents encodes each image once, so it needs --center_crop (not --random_crop)")
+    if args.rare_ranks and not 0 <= args.rare_ranks[0] <= args.rare_ranks[1]:
+        p.error(f"--rare_ranks LOW HIGH needs 0 <= LOW <= HIGH, got {args.rare_ranks}")
     if args.validation_every and not args.validation_prompt:
         p.error("--validation_every needs at least one --validation_prompt")
     try:
