@@ -120,13 +120,14 @@ def make_prompts(identifier, class_noun, instance_template=INSTANCE_TEMPLATE, cl
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
-def readable_image(path):
+def image_problem(path):
+    """Why an image file cannot be read, or None when it can."""
     try:
         with Image.open(path) as image:
             image.load()
-        return True
-    except (OSError, UnidentifiedImageError, ValueError):
-        return False
+        return None
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        return str(e) or type(e).__name__
 
 
 def ensure_class_images(pipeline, class_dir, class_prompt, num_images, *, seed=0, batch_size=4,
@@ -140,7 +141,7 @@ def ensure_class_images(pipeline, class_dir, class_prompt, num_images, *, seed=0
     class_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         for path in sorted(class_dir.iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES and not readable_image(path):
+            if path.suffix.lower() in IMAGE_SUFFIXES and image_problem(path):
                 print(f"replacing unreadable class image {path}", file=sys.stderr)
                 path.unlink()
     barrier()  # every rank plans from the same folder contents...
@@ -204,13 +205,21 @@ def load_image(path, resolution, *, center_crop=True, rng=None):
 
 
 def list_images(folder, what="instance"):
+    """The readable images of a folder. Unreadable ones are named with the reason and skipped;
+    a folder with none to train on is an error."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{what} folder {folder} does not exist")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise FileNotFoundError(f"{what} folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return paths
+    problems = {p.name: why for p in paths if (why := image_problem(p))}
+    report = "; ".join(f"{name}: {why}" for name, why in problems.items())
+    if len(problems) == len(paths):
+        raise FileNotFoundError(f"none of the {len(paths)} images in {what} folder {folder} can be read ({report})")
+    if problems:
+        print(f"warning: skipping unreadable {what} images ({report})", file=sys.stderr)
+    return [p for p in paths if p.name not in problems]
 
 
 class DreamBoothData:

@@ -71,6 +71,8 @@ def build_parser():
     g.add_argument("--batch_size", type=int, default=1, help="instance images per step (plus as many class images)")
     g.add_argument("--grad_accum", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--max_nonfinite_steps", type=int, default=10,
+                   help="stop after this many steps in a row with a non-finite loss (each is skipped)")
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--mixed_precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
@@ -95,7 +97,8 @@ def check_args(p, args):
     """Bad input stops here, with a message that says what to change."""
     if args.resolution <= 0 or args.resolution % 8:
         p.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
-    for name in ("max_steps", "batch_size", "grad_accum", "num_class_images", "class_steps", "sample_batch_size"):
+    for name in ("max_steps", "batch_size", "grad_accum", "num_class_images", "class_steps", "sample_batch_size",
+                 "max_nonfinite_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.lr <= 0 or args.prior_loss_weight < 0:
@@ -106,10 +109,11 @@ def check_args(p, args):
         p.error(f"--rare_ranks LOW HIGH needs 0 <= LOW <= HIGH, got {args.rare_ranks}")
     if args.validation_every and not args.validation_prompt:
         p.error("--validation_every needs at least one --validation_prompt")
-    try:
-        dreambooth.list_images(args.instance_dir)
-    except FileNotFoundError as e:
-        p.error(str(e))
+    if not args.class_noun.strip():
+        p.error("--class_noun is empty: name the subject's coarse class, e.g. dog")
+    if args.identifier and args.identifier.lower() in args.class_noun.lower().split():
+        p.error(f"--class_noun {args.class_noun!r} contains the identifier {args.identifier!r}: "
+                "the class noun names the class, the identifier this one subject")
     if args.resume and args.resume != "latest" and not Path(args.resume, "state.pt").is_file():
         p.error(f"--resume {args.resume}: no checkpoint there (expected {Path(args.resume, 'state.pt')})")
 
@@ -123,14 +127,14 @@ def trainable_modules(pipeline, args):
     return {"unet": pipeline.unet, **({"text_encoder": pipeline.text_encoder} if args.train_text_encoder else {})}
 
 
-def save_checkpoint(folder, step, pipeline, args, env, optimizer, scaler, lr_schedule, rng, generator):
+def save_checkpoint(folder, step, pipeline, args, env, optimizer, scaler, rng, generator):
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     for name, module in trainable_modules(pipeline, args).items():
         save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "lr_schedule": lr_schedule.state_dict(), "python_rng": rng.getstate(),
+                "python_rng": rng.getstate(),
                 "torch_rng": generator.get_state(), "train_text_encoder": args.train_text_encoder,
                 "world_size": env.world_size, "batch_size": args.batch_size},
                tmp / "state.pt")
@@ -142,7 +146,7 @@ def save_checkpoint(folder, step, pipeline, args, env, optimizer, scaler, lr_sch
         shutil.rmtree(old)
 
 
-def load_checkpoint(folder, pipeline, args, env, optimizer, scaler, lr_schedule, rng, generator):
+def load_checkpoint(folder, pipeline, args, env, optimizer, scaler, rng, generator):
     state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
     if state["train_text_encoder"] != args.train_text_encoder:
         raise SystemExit(f"error: {folder} was made with train_text_encoder={state['train_text_encoder']}; "
@@ -158,7 +162,6 @@ def load_checkpoint(folder, pipeline, args, env, optimizer, scaler, lr_schedule,
         module.load_state_dict(load_file(Path(folder) / f"{name}.safetensors"), strict=True)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    lr_schedule.load_state_dict(state["lr_schedule"])
     rng.setstate(state["python_rng"])
     generator.set_state(state["torch_rng"])
     return state["step"]
@@ -173,6 +176,7 @@ def plot_losses(records, path):
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     keys = {"loss": (0, 0, 0), "instance_loss": (200, 60, 60), "prior_loss": (60, 60, 200)}
+    records = [r for r in records if r["loss"] is not None]  # skipped non-finite steps
     values = [r[k] for r in records for k in keys]
     if not records or not values:
         return
@@ -232,6 +236,12 @@ def main(argv=None):
     env = Distributed(args.device)
     try:
         return train(parser, args, env)
+    except KeyboardInterrupt:
+        # Checkpoints are written to a temporary name and renamed, so the last one is complete.
+        found = sorted((Path(args.output_dir) / "checkpoints").glob("step-*"))
+        where = f"the last checkpoint, {found[-1]}, is intact" if found else "no checkpoint was written yet"
+        print(f"\ninterrupted: {where}; continue with --resume latest", file=sys.stderr)
+        return 130
     except BaseException:
         if env.world_size > 1:  # say which process failed; torchrun then stops the others
             print(f"error: rank {env.rank} of {env.world_size} failed", file=sys.stderr)
@@ -242,8 +252,18 @@ def main(argv=None):
 
 
 def train(parser, args, env):
+    try:
+        instance_paths = dreambooth.list_images(args.instance_dir)
+    except FileNotFoundError as e:
+        parser.error(str(e))
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".writable-{env.rank}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        parser.error(f"--output_dir {output_dir} is not writable ({e.strerror or e})")
     device = env.device
     half = sample.autocast_dtype(device, args.mixed_precision)  # None: fp32 throughout
     frozen_dtype = half or torch.float32
@@ -294,7 +314,7 @@ def train(parser, args, env):
             rank=env.rank, world_size=env.world_size, barrier=env.barrier)
 
     # 4. data; the prompts' contexts are computed once unless the text encoder trains
-    data = dreambooth.DreamBoothData(dreambooth.list_images(args.instance_dir), class_paths, args.resolution,
+    data = dreambooth.DreamBoothData(instance_paths, class_paths, args.resolution,
                                      center_crop=args.center_crop, flip=args.flip)
     scaling_factor = pipeline.vae.config.scaling_factor
     with torch.no_grad(), autocast():
@@ -321,7 +341,7 @@ def train(parser, args, env):
     if args.train_text_encoder:
         trained["text_encoder"] = env.wrap(pipeline.text_encoder)
     optimizer = torch.optim.AdamW(groups, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # constant after a linear warm-up
     scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
     # All randomness of a step is drawn for the GLOBAL batch, identically on every rank, and each
     # rank keeps its slice: N processes x batch B train exactly as 1 process x batch N*B, and one
@@ -343,7 +363,7 @@ def train(parser, args, env):
             if not found:
                 parser.exit(2, f"error: --resume latest: no checkpoint in {checkpoints_dir}\n")
             folder = found[-1]
-        step = load_checkpoint(folder, pipeline, args, env, optimizer, scaler, lr_schedule, rng, generator)
+        step = load_checkpoint(folder, pipeline, args, env, optimizer, scaler, rng, generator)
         say(f"resumed from {folder} at step {step}")
     log_path = output_dir / "loss.jsonl"
     records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() and step else []
@@ -371,7 +391,10 @@ def train(parser, args, env):
 
     progress = tqdm(range(step, args.max_steps), initial=step, total=args.max_steps, desc="training",
                     disable=not env.main)
+    skipped_steps = nonfinite_run = 0
     for step in progress:
+        for group, base_lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base_lr * min(1.0, (step + 1) / (args.warmup_steps + 1))
         totals = torch.zeros(3)
         for micro in range(args.grad_accum):
             # the global batch's randomness, then this rank's part of it
@@ -408,30 +431,41 @@ def train(parser, args, env):
                 scaler.scale(loss / args.grad_accum).backward()
             totals += torch.stack([loss.detach().float().cpu(), instance_loss.float().cpu(),
                                    prior_loss.float().cpu()]) / args.grad_accum
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        lr_schedule.step()
-        if env.world_size > 1:  # log the mean over all ranks
+        if env.world_size > 1:  # the mean over all ranks, for the log and for the finite check
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
             totals /= env.world_size
-        record = {"step": step + 1, "loss": totals[0].item(), "instance_loss": totals[1].item(),
-                  "prior_loss": totals[2].item(), "lr": lr_schedule.get_last_lr()[0]}
-        if not all(math.isfinite(record[k]) for k in ("loss", "instance_loss", "prior_loss")):
-            parser.exit(1, f"error: the loss is not finite at step {step + 1} ({record}); try a lower --lr "
-                           "or --mixed_precision bf16/no. The last checkpoint is intact.\n")
+        finite = bool(torch.isfinite(totals).all())
+        scale = scaler.get_scale() if scaler.is_enabled() else None
+        if finite:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.max_grad_norm)
+            scaler.step(optimizer)  # fp16: skipped when the gradients overflowed
+            scaler.update()
+        elif scaler.is_enabled():  # lower the loss scale, as for overflowing gradients
+            scaler.update(scale * scaler.get_backoff_factor())
+        skipped = not finite or (scale is not None and scaler.get_scale() < scale)
+        optimizer.zero_grad(set_to_none=True)
+        skipped_steps += skipped
+        nonfinite_run = 0 if finite else nonfinite_run + 1
+        record = {"step": step + 1, **{k: (v.item() if finite else None) for k, v in
+                                       zip(("loss", "instance_loss", "prior_loss"), totals)},
+                  "lr": optimizer.param_groups[0]["lr"], "skipped": skipped}
+        if nonfinite_run >= args.max_nonfinite_steps:
+            parser.exit(1, f"error: the loss was not finite for {nonfinite_run} steps in a row (up to step "
+                           f"{step + 1}); training stops without saving over earlier results (checkpoints "
+                           "are intact). Try a lower --lr, or --mixed_precision bf16 or no.\n")
         records.append(record)
         done = step + 1
         if env.main:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            progress.set_postfix(loss=f"{record['loss']:.4f}", inst=f"{record['instance_loss']:.4f}",
-                                 prior=f"{record['prior_loss']:.4f}", lr=f"{record['lr']:.2e}")
+            if finite:
+                progress.set_postfix(loss=f"{record['loss']:.4f}", inst=f"{record['instance_loss']:.4f}",
+                                     prior=f"{record['prior_loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                     skipped=skipped_steps)
             if args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.max_steps:
                 save_checkpoint(checkpoints_dir / f"step-{done:06d}", done, pipeline, args, env, optimizer,
-                                scaler, lr_schedule, rng, generator)
+                                scaler, rng, generator)
             if args.validation_every and (done % args.validation_every == 0 or done == args.max_steps):
                 validate(pipeline, args, identifier, output_dir / "validation" / f"step-{done:06d}.png", device, half)
 

@@ -133,7 +133,8 @@ def main(argv=None):
                 tag = "warm-up" if r < args.warmup else f"round {r - args.warmup + 1}/{args.rounds}"
                 print(f"  [{tag}] {side}: load {out['load']['wall']:.2f} s (user {out['load']['user']:.2f}, "
                       f"sys {out['load']['sys']:.2f}), first read {out['touch']['wall']:.2f} s, "
-                      f"peak RSS {common.gib(usage['maxrss']):.2f} GiB, dtypes {out['dtypes']}",
+                      f"peak RSS {common.gib(out['final']['VmHWM']):.2f} GiB (ru_maxrss "
+                      f"{common.gib(usage['maxrss']):.2f}), dtypes {out['dtypes']}",
                       file=sys.stderr, flush=True)
                 if r >= args.warmup:
                     results[side].append(out)
@@ -158,7 +159,7 @@ def report(precision, results, sides):
             import_s=m([r["import_s"] for r in rs]),
             base=m([r["before"]["VmRSS"] for r in rs]),
             hwm_load=m([r["after_load"]["VmHWM"] for r in rs]),
-            peak=m([r["rusage"]["maxrss"] for r in rs]),
+            peak=m([r["final"]["VmHWM"] for r in rs]),
             anon=m([r["final"]["RssAnon"] for r in rs]), file=m([r["final"]["RssFile"] for r in rs]),
             wb=wb)
         summary[side] = s

@@ -223,8 +223,9 @@ def main(argv=None):
                      "--rss-steps", str(args.rss_steps), "--size", str(args.size),
                      "--malloc", args.malloc, "--prompt", args.prompt],
                     env={"TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore::FutureWarning"})
-                rss[side] = dict(out, maxrss=usage["maxrss"])
-                print(f"  [RSS process, {args.rss_steps} steps] {side}: peak {common.gib(usage['maxrss']):.2f} GiB",
+                rss[side] = dict(out, maxrss=out["final"]["VmHWM"])  # not ru_maxrss: see run_child
+                print(f"  [RSS process, {args.rss_steps} steps] {side}: peak {common.gib(rss[side]['maxrss']):.2f} GiB, "
+                      f"after load {common.gib(out['after_load']['VmRSS']):.2f} GiB, image {out['image']['wall']:.1f} s",
                       file=sys.stderr, flush=True)
         comp = components(pipes, precision, args, args.component_rounds) if args.components else {}
         raw[precision] = dict(runs=runs, rss=rss, components=comp, mean_abs_pixel_diff=diff)

@@ -216,8 +216,11 @@ def summarize(timings, key="wall"):
 
 def run_child(argv, *, env=None):
     """Run `python argv...` in a fresh process whose last stdout line starting with "{" is a
-    JSON dict. Returns (that dict, {"maxrss": peak RSS bytes (ru_maxrss), "user": s, "sys": s,
-    "wall": s}) with the child's own resource usage, read with os.wait4."""
+    JSON dict. Returns (that dict, {"maxrss": ru_maxrss bytes, "user": s, "sys": s, "wall": s})
+    with the child's own resource usage, read with os.wait4.
+    Caveat: Linux keeps in a child's ru_maxrss the RSS of the forked copy of the parent before
+    exec, so with a large parent it reads the parent's size: have the child report its own
+    VmHWM (proc_status()), which belongs to the exec'd image only, and use that."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})

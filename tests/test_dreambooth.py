@@ -141,7 +141,7 @@ def test_class_images_top_up_and_reuse(tiny_sd1, tmp_path, monkeypatch):
     Image.new("RGB", (16, 16)).save(tmp_path / "mine.jpg")    # the user's own class image counts
     paths = dreambooth.ensure_class_images(pipeline, tmp_path, "a photo of dog", 6, seed=10, **args)
     assert calls == [(1, 11)] and len(paths) == 6
-    assert dreambooth.readable_image(tmp_path / "class-00001.png")
+    assert dreambooth.image_problem(tmp_path / "class-00001.png") is None
     # the regenerated image is the one its seed gives
     again = real_generate(pipeline, ["a photo of dog"], seed=11, progress=False, **args)[0]
     assert list(Image.open(tmp_path / "class-00001.png").getdata()) == list(again.getdata())

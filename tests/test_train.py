@@ -139,7 +139,7 @@ def test_output_folder(tiny_sd2, instance_dir, tmp_path):
     (["--instance_dir", "/nonexistent"], "does not exist"),
     (["--resolution", "30"], "multiple of 8"),
     (["--cache_latents", "--random_crop"], "needs --center_crop"),
-    (["--identifier", "square"], "is the class noun"),
+    (["--identifier", "square"], "contains the identifier"),
     (["--resume", "/nonexistent"], "no checkpoint there"),
     (["--validation_every", "5"], "needs at least one --validation_prompt"),
     (["--max_steps", "0"], "at least 1"),
@@ -188,3 +188,109 @@ def test_rare_ranks_flag(tiny_sd1, instance_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tiny_sd1, instance_dir, tmp_path / "bad", "--max_steps", "1", "--rare_ranks", "0", "0")
     assert "widen the range" in capsys.readouterr().err
+
+
+def test_unreadable_instance_images(tiny_sd1, instance_dir, tmp_path, capsys):
+    mixed = shutil.copytree(instance_dir, tmp_path / "mixed")
+    (mixed / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    run(tiny_sd1, mixed, tmp_path / "out", "--no_prior_preservation", "--max_steps", "1")
+    assert "skipping unreadable instance images (broken.jpg:" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"")
+    (bad / "b.webp").write_text("text")
+    with pytest.raises(SystemExit) as exit_info:
+        run(tiny_sd1, bad, tmp_path / "out2", "--max_steps", "1")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 images" in err and "a.png:" in err and "b.webp:" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--class_noun", " "], "--class_noun is empty"),
+    (["--class_noun", "sks dog", "--identifier", "sks"], "contains the identifier"),
+])
+def test_bad_class_noun(tiny_sd1, instance_dir, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        train.main(["--model", str(tiny_sd1), "--instance_dir", str(instance_dir), "--class_noun", "dog", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_output_dir_not_writable(tiny_sd1, instance_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        run(tiny_sd1, instance_dir, tmp_path / "file" / "out", "--max_steps", "1")
+    assert exit_info.value.code == 2 and "is not writable" in capsys.readouterr().err
+
+
+def test_nonfinite_loss_is_skipped_then_stops_without_losing_results(tiny_sd1, instance_dir, tmp_path,
+                                                                      monkeypatch, capsys):
+    good = run(tiny_sd1, instance_dir, tmp_path / "out", "--no_prior_preservation", "--max_steps", "2")
+    before = unet_weights(good)
+    real_loss = dreambooth.prior_preservation_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss, instance_loss, prior_loss = real_loss(*args, **kwargs)
+        if calls["n"] in bad_calls:
+            return loss * float("nan"), instance_loss * float("nan"), prior_loss
+        return loss, instance_loss, prior_loss
+    monkeypatch.setattr(dreambooth, "prior_preservation_loss", sometimes_nan)
+
+    bad_calls = {2, 3}  # two bad steps: skipped, counted, training goes on
+    out = run(tiny_sd1, instance_dir, tmp_path / "other", "--no_prior_preservation", "--max_steps", "4")
+    records = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [False, True, True, False]
+    assert records[1]["loss"] is None and records[3]["loss"] > 0
+    assert all(torch.isfinite(v).all() for v in unet_weights(out).values())
+
+    calls["n"] = 0
+    bad_calls = set(range(1, 100))  # persistent: stop, and leave the earlier model alone
+    with pytest.raises(SystemExit) as exit_info:
+        run(tiny_sd1, instance_dir, good, "--no_prior_preservation", "--max_steps", "20", "--max_nonfinite_steps", "3")
+    assert exit_info.value.code == 1
+    assert "not finite for 3 steps in a row" in capsys.readouterr().err
+    after = unet_weights(good)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fp16_overflow_is_skipped_by_the_scaler(tiny_sd1, instance_dir, tmp_path, monkeypatch):
+    real_loss = dreambooth.prior_preservation_loss
+    calls = {"n": 0}
+
+    def overflowing_first(*args, **kwargs):
+        calls["n"] += 1
+        loss, instance_loss, prior_loss = real_loss(*args, **kwargs)
+        return (loss * 1e30 if calls["n"] == 1 else loss), instance_loss, prior_loss
+    monkeypatch.setattr(dreambooth, "prior_preservation_loss", overflowing_first)
+    out = run(tiny_sd1, instance_dir, tmp_path / "out", "--no_prior_preservation", "--max_steps", "3",
+              "--mixed_precision", "fp16")
+    records = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [True, False, False]  # 1e30 * 65536 overflows fp32 grads
+    assert all(torch.isfinite(v).all() for v in unet_weights(out).values())
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_sd1, instance_dir, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "out"
+    argv = [sys.executable, "train.py", "--model", str(tiny_sd1), "--instance_dir", str(instance_dir),
+            "--class_noun", "square", "--resolution", "16", "--output_dir", str(out), "--mixed_precision", "no",
+            "--no_prior_preservation", "--max_steps", "100000", "--checkpoint_every", "1"]
+    process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints").is_dir() or not list((out / "checkpoints").glob("step-*")):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "is intact; continue with --resume latest" in err
+    # every checkpoint folder is complete, and the run continues from the latest one
+    (checkpoint,) = (out / "checkpoints").glob("step-*")
+    step = int(checkpoint.name.split("-")[1])
+    assert train.main(argv[2:-4] + ["--max_steps", str(step + 1), "--resume", "latest"]) == 0
+    records = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, step + 2))

@@ -84,16 +84,16 @@ def build_vocab(merges):
     return {t: i for i, t in enumerate(tokens)}
 
 
-def train_tokenizer(texts, rare_words=RARE_WORDS):
-    """A CLIPTokenizer whose BPE is learned on `texts` plus each rare word once. Save it with
-    .save(folder)."""
+def train_tokenizer(texts, rare_words=RARE_WORDS, max_length=77):
+    """A CLIPTokenizer whose BPE is learned on `texts` plus each rare word once, padding to
+    max_length tokens. Save it with .save(folder)."""
     counts = word_counts(texts)
     seen = [w for w in rare_words if w in counts]
     if seen:
         raise ValueError(f"rare words {seen} occur in the texts: they would not be rare")
     counts.update(word_counts(rare_words))
     merges = learn_merges(counts)
-    return CLIPTokenizer(build_vocab(merges), merges)
+    return CLIPTokenizer(build_vocab(merges), merges, max_length=max_length)
 
 
 def rare_merge_ranks(tokenizer, rare_words=RARE_WORDS):
