@@ -39,6 +39,7 @@ from vae import VAE, VAEConfig
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD2_MODEL = "stabilityai/stable-diffusion-2-1"  # 768 px, v-prediction
+TOY_MODEL = Path(__file__).resolve().parent / "toy" / "model"  # `--model toy`: the project's tiny SD (toy/)
 
 # component -> (model class, config class, config file, weights file stem) in a diffusers folder
 COMPONENTS = {
@@ -459,7 +460,10 @@ def load_single_file(path, *, config=None, prediction_type=None, dtype=torch.flo
 
 def load_pipeline(source=DEFAULT_MODEL, *, dtype=torch.float32, device="cpu", config=None,
                   variant=None, revision=None, prediction_type=None):
-    """A Pipeline from a Hub repo id, a diffusers folder, or a single .safetensors/.ckpt file."""
+    """A Pipeline from a Hub repo id, a diffusers folder, or a single .safetensors/.ckpt file;
+    "toy" is the tiny model shipped in toy/model (offline, CPU-sized)."""
+    if str(source) == "toy":
+        source = TOY_MODEL
     path = Path(source).expanduser()
     if path.is_dir():
         return load_folder(path, dtype=dtype, device=device, variant=variant)

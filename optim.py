@@ -82,7 +82,8 @@ class AdamW(torch.optim.Optimizer):
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 if self.state_dtype == torch.bfloat16:
                     state["exp_avg"].copy_(exp_avg)  # round to nearest
-                    generator = torch.Generator(param.device).manual_seed(hash((self.seed, index, int(step))))
+                    generator = torch.Generator(param.device).manual_seed(
+                        hash((self.seed, index, int(step))) & (2**63 - 1))
                     state["exp_avg_sq"].copy_(stochastic_round_to_bf16(exp_avg_sq, generator))
 
                 bias_correction1 = 1 - beta1 ** step
@@ -92,17 +93,17 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict):
-        # torch.optim.Optimizer casts floating-point state to the parameter's dtype (fp32) on load.
-        # bf16 moments pass through as their raw 16 bits (int16 views, not cast) and are viewed
-        # back, so a resumed run continues bit for bit and never holds an fp32 copy of the state.
-        raw = {key: {name: value.view(torch.int16) if value.dtype == torch.bfloat16 else value
-                     for name, value in entry.items()}
-               for key, entry in state_dict["state"].items()}
-        super().load_state_dict({**state_dict, "state": raw})
-        for entry in self.state.values():
-            for name in ("exp_avg", "exp_avg_sq"):
-                if entry[name].dtype == torch.int16:
-                    entry[name] = entry[name].view(torch.bfloat16)
-                # a checkpoint of the other precision (a switch of --optimizer_state) is converted
-                entry[name] = entry[name].to(self.state_dtype)
-            entry["step"] = entry["step"].float().cpu()
+        # torch.optim.Optimizer.load_state_dict would cast every state tensor to its parameter's
+        # dtype (fp32), holding the whole state in fp32 at once. The base class restores the
+        # groups' hyperparameters; the moments are placed here, parameter by parameter, in
+        # self.state_dtype (bf16 moments come back bit for bit; a checkpoint of the other
+        # precision, after a switch of --optimizer_state, is converted).
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            entry = state_dict["state"].get(saved_id)
+            if entry is not None:
+                moments = {name: entry[name].to(param.device, self.state_dtype, copy=True)
+                           for name in ("exp_avg", "exp_avg_sq")}
+                self.state[param] = {"step": entry["step"].float().cpu(), **moments}

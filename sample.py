@@ -273,7 +273,10 @@ def main(argv=None) -> int:
             parser.error(f"--{name} must be a positive multiple of 8, got {value}")
     try:
         prompts = fill_identifier(prompts, args.model)
-        pipeline = load_pipeline(args.model, device=args.device)
+        # Sampling only: weights in the autocast precision. Under autocast, frozen fp32 weights
+        # would be cast again at every UNet call (bench/README.md: 0.75x the time per step).
+        half = autocast_dtype(torch.device(args.device), args.mixed_precision)
+        pipeline = load_pipeline(args.model, device=args.device, dtype=half or torch.float32)
         image_size(pipeline, args.height, args.width)
     except (ValueError, LoadError) as e:
         parser.error(str(e))

@@ -256,16 +256,26 @@ class SpatialTransformer(nn.Module):
             [TransformerBlock(channels, num_heads, cfg.cross_attention_dim, cfg.upcast_attention)])
         self.proj_out = proj(channels, channels)
 
-    def forward(self, x, context):
+    def forward(self, x, context, ckpt=False):
         _, _, H, W = x.shape
         h = self.norm(x)
         h = h if self.linear else self.proj_in(h)
-        h = h.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C): one token per pixel
+        # (B, C, H, W) -> (B, HW, C): one token per pixel. Copied to dense rows once here: left a
+        # strided view, every LayerNorm of the blocks would copy it again and every residual add
+        # would run strided (speed only; the values are the same).
+        h = h.flatten(2).transpose(1, 2).contiguous()
         h = self.proj_in(h) if self.linear else h
         for block in self.transformer_blocks:
-            h = block(h, context)
+            # with gradient checkpointing only the block is recomputed: that is where the
+            # activations are; the norm and projections around it are cheap to keep
+            h = _maybe_checkpoint(block, h, context, enabled=ckpt)
         h = self.proj_out(h) if self.linear else h
-        h = h.transpose(1, 2).unflatten(2, (H, W))  # (B, HW, C) -> (B, C, H, W)
+        # (B, HW, C) -> (B, C, H, W), made contiguous: the transposed view has channels-last
+        # strides, and a convolution given one runs (and differentiates) in channels-last, whose
+        # bf16 weight gradient oneDNN computes several times slower on CPU; the layout would then
+        # spread to the following blocks through the residual add. This halved the UNet's
+        # convolution-backward time (bench/TRAINING.md).
+        h = h.transpose(1, 2).unflatten(2, (H, W)).contiguous()
         h = h if self.linear else self.proj_out(h)
         return x + h
 
@@ -307,7 +317,7 @@ class DownBlock(nn.Module):
         for i, resnet in enumerate(self.resnets):
             x = _maybe_checkpoint(resnet, x, temb, enabled=ckpt)
             if self.attentions:
-                x = _maybe_checkpoint(self.attentions[i], x, context, enabled=ckpt)
+                x = self.attentions[i](x, context, ckpt)
             skips.append(x)
         for down in self.downsamplers:
             x = down(x)
@@ -327,7 +337,7 @@ class MidBlock(nn.Module):
 
     def forward(self, x, temb, context, ckpt):
         x = _maybe_checkpoint(self.resnets[0], x, temb, enabled=ckpt)
-        x = _maybe_checkpoint(self.attentions[0], x, context, enabled=ckpt)
+        x = self.attentions[0](x, context, ckpt)
         return _maybe_checkpoint(self.resnets[1], x, temb, enabled=ckpt)
 
 
@@ -351,7 +361,7 @@ class UpBlock(nn.Module):
             x = torch.cat([x, skips.pop()], dim=1)  # (B, C, H, W) + (B, C_skip, H, W) on channels
             x = _maybe_checkpoint(resnet, x, temb, enabled=ckpt)
             if self.attentions:
-                x = _maybe_checkpoint(self.attentions[i], x, context, enabled=ckpt)
+                x = self.attentions[i](x, context, ckpt)
         for up in self.upsamplers:
             x = up(x)
         return x
@@ -394,7 +404,7 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
 
     def enable_gradient_checkpointing(self):
-        """Trade compute for memory in training: recompute each resnet/transformer in backward."""
+        """Trade compute for memory in training: recompute each resnet and transformer block in backward."""
         self.gradient_checkpointing = True
 
     def forward(self, latents, timesteps, context):

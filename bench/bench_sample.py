@@ -150,7 +150,8 @@ def main(argv=None):
     common.add_cache_arg(p)
     p.add_argument("--precision", default="bf16", help="comma-separated among bf16, fp32")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps per image")
-    p.add_argument("--rounds", type=int, default=3, help="measured images per side and precision")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measured images per side and precision (0: only --components)")
     p.add_argument("--warmup-steps", type=int, default=2, help="steps of the warm-up image of each side")
     p.add_argument("--rss-steps", type=int, default=2,
                    help="steps of the image made in the fresh peak-RSS processes (0: skip RSS)")
@@ -190,13 +191,22 @@ def main(argv=None):
     print(f"machine: {common.machine_line()}")
     print(f"malloc env: {malloc_env}")
     print(f"load average at start: {' '.join(common.load_average())}")
-    print(f"{args.size}x{args.size}, DDIM {args.steps} steps, guidance {args.guidance_scale}, "
-          f"{args.rounds} rounds after a {args.warmup_steps}-step warm-up per side")
+    if args.rounds:
+        print(f"{args.size}x{args.size}, DDIM {args.steps} steps, guidance {args.guidance_scale}, "
+              f"{args.rounds} rounds after a {args.warmup_steps}-step warm-up per side")
+    else:
+        print(f"{args.size}x{args.size}: components only")
 
     pipes = {side: load_side(side, folder) for side in SIDES}
     clocks = {side: UNetClock(pipes[side].unet) for side in SIDES}
     raw = {}
     for precision in precisions:
+        if args.rounds == 0:  # components only
+            comp = components(pipes, precision, args, args.component_rounds)
+            raw[precision] = dict(components=comp)
+            print(f"\n### {precision}: components alone ({args.component_rounds} rounds, medians)\n")
+            report_components(comp)
+            continue
         print(f"\n{precision}: warm-up", file=sys.stderr, flush=True)
         images = {}
         for side in SIDES:
@@ -256,8 +266,13 @@ def report(precision, args, runs, rss, comp, diff):
           f"{args.guidance_scale} ({args.rounds} rounds, medians)\n")
     common.print_table(rows, ["side", "s/image (min-max)", "user CPU s/image", "UNet s/step",
                               "rest s/image (text, sampler, decode)",
-                              f"peak RSS GiB ({args.rss_steps}-step image, fresh process)"])
+                              f"peak RSS GiB ({args.rss_steps}-step image, fresh process)"
+                              if args.rss_steps else "peak RSS GiB (not measured)"])
     print(f"\nmean |ours - diffusers| over the last images' pixels (0-255): {diff:.2f}")
+    report_components(comp)
+
+
+def report_components(comp):
     for name, sides in comp.items():
         cells = {s: (common.median([t["wall"] for t in v]), common.median([t["user"] for t in v]))
                  for s, v in sides.items()}

@@ -7,8 +7,10 @@ Diffusion was (Rombach et al., 2022), in three stages:
   1. Tokenizer: byte-level BPE learned on the captions (toy/bpe.py), plus a few made-up words
      that never occur in a caption: the rare identifiers DreamBooth needs.
   2. VAE: 32x32x3 images <-> 16x16x4 latents, trained alone on reconstruction (L1 + MSE) with a
-     small KL term (LDM section 3.1); then scaling_factor = 1 / std of the latents, so the
-     diffusion model sees unit-variance data (LDM section 4.3.2; SD's is 0.18215).
+     small KL term (LDM section 3.1), on the world's images and as many of any colour and
+     pattern (world.random_codec_scene), so that it also encodes the subjects' photos; then
+     scaling_factor = 1 / std of the latents, so the diffusion model sees unit-variance data
+     (LDM section 4.3.2; SD's is 0.18215).
   3. UNet and text encoder, jointly, on the denoising loss (DDPM; the same function DreamBooth
      uses, dreambooth.prior_preservation_loss, without class images) over the frozen VAE's
      latents. 10% of captions are empty (toy/world.py) for classifier-free guidance. An
@@ -49,23 +51,26 @@ MAX_TOKENS = 16  # the longest caption is 11 tokens with start and end; SD's CLI
 # The tiny configs. Same classes and config keys as Stable Diffusion's, scaled down:
 #   SD 1.5: VAE (128, 256, 512, 512) 8x down, UNet (320, 640, 1280, 1280), CLIP 768 x 12 layers.
 VAE_CONFIG = VAEConfig(
-    block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4,
+    block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
     sample_size=world.SIZE)  # 32x32 pixels -> 16x16 latents; scaling_factor is measured below
 UNET_CONFIG = UNetConfig(
-    block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=16,
+    block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
     # cross-attention at 8x8 and 4x4 latent cells (4x4 and 8x8 pixels each): enough to place an
     # object and colour it; the 16x16 level is convolutions only (attention there doubles the cost)
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(1, 2, 4), cross_attention_dim=64, sample_size=world.SIZE // 2)
+    attention_head_dim=(1, 2, 2), cross_attention_dim=64, sample_size=world.SIZE // 2)
 TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                    max_position_embeddings=MAX_TOKENS, hidden_act="quick_gelu")  # + vocab_size
 # DDPM's linear schedule rather than SD's scaled_linear: at these tiny latent sizes SD's schedule
 # leaves too much signal at t = 999 (the mean colour of a 16x16 latent survives the noise).
+# v-prediction (as SD 2.1): the noise-prediction loss weighs the x_0 error by the signal-to-noise
+# ratio, which is almost 0 at the high noise levels where the prompt decides the layout and
+# colours; the v loss weighs it by SNR + 1, so the text conditioning is learned in far fewer steps.
 SCHEDULER_CONFIG = SchedulerConfig(
     num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
-    prediction_type="epsilon", steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    prediction_type="v_prediction", steps_offset=1, set_alpha_to_one=False, clip_sample=False)
 
 PREVIEW_PROMPTS = ["a photo of a red square on the grass", "a photo of a blue circle in the snow",
                    "a photo of a yellow triangle at night", "a photo of a purple star on the sand",
@@ -93,6 +98,14 @@ def cosine_lr(step, total, warmup, peak, floor=0.1):
 def update_ema(ema, model, decay):
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
+
+
+def write_preview(pipeline, path, per_prompt=6):
+    """A grid of samples (rows: PREVIEW_PROMPTS), scaled up 2x."""
+    images = sample.generate(pipeline, [p for p in PREVIEW_PROMPTS for _ in range(per_prompt)], seed=0, steps=25,
+                             guidance_scale=5.0, mixed_precision="no", progress=False, batch_size=12)
+    sheet = sample.grid(images, rows=len(PREVIEW_PROMPTS))
+    sheet.resize((sheet.width * 2, sheet.height * 2)).save(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +158,9 @@ def init_text_encoder(config, seed):
     return model
 
 
-def train_unet(latents, scaling_factor, scenes, tokenizer, args, generator, start):
+def train_unet(latents, scaling_factor, scenes, tokenizer, args, generator, start, snapshot=None):
+    """Returns the EMA copies of the UNet and text encoder, and the losses. snapshot(unet,
+    text_encoder, step), if given, is called with the EMA copies every args.snapshot_every steps."""
     torch.manual_seed(args.seed)
     unet = UNet(UNET_CONFIG)
     text_encoder = init_text_encoder(CLIPTextConfig(vocab_size=tokenizer.vocab_size, **TEXT_CONFIG), args.seed)
@@ -174,6 +189,8 @@ def train_unet(latents, scaling_factor, scenes, tokenizer, args, generator, star
         if step % 100 == 0 or step == args.unet_steps - 1:
             recent = sum(losses[-100:]) / len(losses[-100:])
             log(f"unet step {step + 1}/{args.unet_steps} loss {recent:.4f} lr {optimizer.param_groups[0]['lr']:.2e}", start)
+        if snapshot and args.snapshot_every and (step + 1) % args.snapshot_every == 0 and step + 1 < args.unet_steps:
+            snapshot(ema_unet, ema_text, step + 1)
     return ema_unet.eval(), ema_text.eval(), losses
 
 
@@ -184,18 +201,23 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(HERE / "model"), help="the diffusers-layout folder to write")
     p.add_argument("--num_images", type=int, default=30000, help="world images rendered for training")
-    p.add_argument("--vae_steps", type=int, default=2000)
+    p.add_argument("--num_codec_images", type=int, default=10000, help="images of any colour and pattern for the VAE")
+    p.add_argument("--vae_steps", type=int, default=1500)
     p.add_argument("--vae_lr", type=float, default=1e-3)
     p.add_argument("--vae_batch_size", type=int, default=32)
     p.add_argument("--kl_weight", type=float, default=1e-4)
     p.add_argument("--unet_steps", type=int, default=6000)
-    p.add_argument("--lr", type=float, default=5e-4, help="UNet and text encoder peak learning rate")
-    p.add_argument("--warmup_steps", type=int, default=200)
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="UNet and text encoder peak learning rate")
+    p.add_argument("--warmup_steps", type=int, default=300)
+    p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 is the safe choice on a busy machine: two threads that wait on "
+                        "each other slow to a crawl when other jobs share the cores)")
     p.add_argument("--preview", help="also write a grid of samples of a few prompts here (PNG)")
+    p.add_argument("--snapshot_every", type=int, default=0,
+                   help="save the model so far to --out (and a preview PREVIEW-stepN.png) every N UNet steps")
     return p
 
 
@@ -208,8 +230,9 @@ def main(argv=None):
 
     images, scenes = world.make_dataset(args.num_images, seed=args.seed)
     images = torch.from_numpy(images)
+    codec_images, _ = world.make_dataset(args.num_codec_images, seed=args.seed + 1, scene=world.random_codec_scene)
     timings["render_s"] = time.time() - start
-    log(f"rendered {len(images)} world images", start)
+    log(f"rendered {len(images)} world images and {len(codec_images)} for the VAE only", start)
 
     caption_rng = random.Random(args.seed + 1)
     tokenizer = bpe.train_tokenizer([world.caption(s, caption_rng) for s in scenes], max_length=MAX_TOKENS)
@@ -217,7 +240,7 @@ def main(argv=None):
         f"in merge ranks {bpe.rare_merge_ranks(tokenizer)}", start)
 
     t = time.time()
-    vae = train_vae(images, args.vae_steps, args.vae_batch_size, args.vae_lr, args.kl_weight, generator, start)
+    vae = train_vae(torch.cat([images, torch.from_numpy(codec_images)]), args.vae_steps, args.vae_batch_size, args.vae_lr, args.kl_weight, generator, start)
     latents = encode_all(vae, images)
     # 1 / std of the latent samples, as LDM set SD's 0.18215; rounded like it
     samples = latents.sample(torch.randn(latents.mean.shape, generator=generator), 1.0)
@@ -225,26 +248,32 @@ def main(argv=None):
     timings["vae_s"] = time.time() - t
     log(f"VAE done; scaling_factor {vae.config.scaling_factor}", start)
 
+    def save(unet, text_encoder, step=None):
+        special = {"bos_token_id": tokenizer.start_id, "eos_token_id": tokenizer.end_id, "pad_token_id": tokenizer.pad_id}
+        pipeline = Pipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
+                            scheduler=DDPMScheduler(SCHEDULER_CONFIG), source="toy",
+                            raw_configs={"text_encoder": {**special, "projection_dim": TEXT_CONFIG["hidden_size"]}})
+        save_pipeline(pipeline, args.out)
+        if args.preview:
+            path = Path(args.preview) if step is None else Path(args.preview).with_name(
+                f"{Path(args.preview).stem}-step{step}.png")
+            write_preview(pipeline, path)
+            log(f"saved {args.out} and {path}", start)
+        return pipeline
+
     t = time.time()
-    unet, text_encoder, losses = train_unet(latents, vae.config.scaling_factor, scenes, tokenizer, args, generator, start)
+    unet, text_encoder, losses = train_unet(latents, vae.config.scaling_factor, scenes, tokenizer, args, generator, start,
+                                            snapshot=save)
     timings["unet_s"] = time.time() - t
     timings["total_s"] = time.time() - start
-
-    special = {"bos_token_id": tokenizer.start_id, "eos_token_id": tokenizer.end_id, "pad_token_id": tokenizer.pad_id}
-    pipeline = Pipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
-                        scheduler=DDPMScheduler(SCHEDULER_CONFIG), source="toy",
-                        raw_configs={"text_encoder": {**special, "projection_dim": TEXT_CONFIG["hidden_size"]}})
-    out = save_pipeline(pipeline, args.out)
+    timings["cpu_s"] = time.process_time()  # CPU time of this process: wall time under other jobs' load says little
+    save(unet, text_encoder)
+    out = Path(args.out)
     record = {"args": vars(args), "seconds": {k: round(v, 1) for k, v in timings.items()},
               "threads": torch.get_num_threads(), "final_loss_mean_last_200": sum(losses[-200:]) / len(losses[-200:]),
               "rare_merge_ranks": bpe.rare_merge_ranks(tokenizer)}
     (out / "pretrain.json").write_text(json.dumps(record, indent=2))
-    log(f"wrote {out} ({timings['total_s'] / 60:.1f} min)", start)
-    if args.preview:
-        images = sample.generate(pipeline, [p for p in PREVIEW_PROMPTS for _ in range(6)], seed=0, steps=25,
-                                 guidance_scale=5.0, progress=False, batch_size=12)
-        sample.grid(images, rows=len(PREVIEW_PROMPTS)).resize((6 * 64, len(PREVIEW_PROMPTS) * 64)).save(args.preview)
-        log(f"wrote {args.preview}", start)
+    log(f"wrote {out} ({timings['total_s'] / 60:.1f} min of training)", start)
     return 0
 
 

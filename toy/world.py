@@ -1,7 +1,7 @@
 """The toy world: small procedural photos of one object in a named context, with captions.
 
 Every image is a Scene: an object (a class noun: square, circle, triangle, star), painted in one
-of seven colours, of varied size, position and tilt, in front of one of five contexts (a
+of seven colours, of varied size and position, in front of one of five contexts (a
 background gradient: grass, sand, sky, snow, night). Its caption names what a user would:
 
     "a photo of a red square on the grass", "a blue star in the sky", "a photo of circle", ...
@@ -14,6 +14,7 @@ Everything is deterministic given a seed. Images are drawn 4x larger and box-fil
 edges are anti-aliased like a photo's rather than hard pixel steps.
 
     python -m toy.world OUT_DIR        # a contact sheet of the world and of each subject
+    python -m toy.world --subjects     # (re)write toy/subjects/<name>/<k>.png
 """
 import math
 import random
@@ -43,7 +44,6 @@ CONTEXTS = {
     "at night": ((10, 10, 35), (35, 35, 80)),
 }
 RADIUS = (5.0, 10.0)      # object size: radius in pixels (10 to 20 px across)
-TILT = {"square": 20.0, "circle": 0.0, "triangle": 15.0, "star": 15.0}  # max |angle|, degrees
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,6 @@ class Scene:
     cx: float                       # centre and radius, in pixels
     cy: float
     radius: float
-    angle: float = 0.0              # degrees
     colour: str | None = None       # a COLOURS name (world objects), or None for a painted subject
     paint: str = "solid"            # solid, stripes, eye, split (see paint_layer)
     colours: tuple = ()             # RGB colours of the paint
@@ -73,22 +72,21 @@ def background(context, size=SIZE * SUPERSAMPLE):
 def outline(scene, scale=SUPERSAMPLE):
     """The shape as a polygon (list of (x, y)) or, for a circle, its bounding box."""
     cx, cy, r = scene.cx * scale, scene.cy * scale, scene.radius * scale
-    a = math.radians(scene.angle)
 
-    def rotate(points):
-        return [(cx + x * math.cos(a) - y * math.sin(a), cy + x * math.sin(a) + y * math.cos(a)) for x, y in points]
+    def at_centre(points):
+        return [(cx + x, cy + y) for x, y in points]
 
     if scene.noun == "circle":
         r *= 0.9
         return [(cx - r, cy - r), (cx + r, cy + r)]
     if scene.noun == "square":
         h = 0.8 * r
-        return rotate([(-h, -h), (h, -h), (h, h), (-h, h)])
+        return at_centre([(-h, -h), (h, -h), (h, h), (-h, h)])
     if scene.noun == "triangle":  # pointing up, centred on its centroid shifted a little down
-        return rotate([(r * math.cos(math.radians(-90 + 120 * k)), r * math.sin(math.radians(-90 + 120 * k)) + 0.15 * r)
+        return at_centre([(r * math.cos(math.radians(-90 + 120 * k)), r * math.sin(math.radians(-90 + 120 * k)) + 0.15 * r)
                        for k in range(3)])
     if scene.noun == "star":  # five points; inner radius 0.45 of the outer
-        return rotate([((r if k % 2 == 0 else 0.45 * r) * math.cos(math.radians(-90 + 36 * k)),
+        return at_centre([((r if k % 2 == 0 else 0.45 * r) * math.cos(math.radians(-90 + 36 * k)),
                         (r if k % 2 == 0 else 0.45 * r) * math.sin(math.radians(-90 + 36 * k))) for k in range(10)])
     raise ValueError(f"unknown object class {scene.noun!r}; the world has {CLASSES}")
 
@@ -135,18 +133,28 @@ def render(scene):
 # Sampling scenes and captions
 
 
-def place(rng, noun, radius_range=RADIUS):
-    """A random size, position (fully inside, MARGIN clear of the sides) and tilt."""
+def place(rng, radius_range=RADIUS):
+    """A random size and position: fully inside, MARGIN clear of the sides."""
     r = rng.uniform(*radius_range)
     cx, cy = (rng.uniform(r + MARGIN, SIZE - r - MARGIN) for _ in range(2))
-    return dict(cx=cx, cy=cy, radius=r, angle=rng.uniform(-TILT[noun], TILT[noun]))
+    return dict(cx=cx, cy=cy, radius=r)
 
 
 def random_scene(rng):
     """One scene of the pretraining world: class, colour and context uniform."""
-    noun = rng.choice(CLASSES)
-    return Scene(noun=noun, context=rng.choice(list(CONTEXTS)), colour=rng.choice(list(COLOURS)),
-                 **place(rng, noun))
+    return Scene(noun=rng.choice(CLASSES), context=rng.choice(list(CONTEXTS)), colour=rng.choice(list(COLOURS)),
+                 **place(rng))
+
+
+def random_codec_scene(rng):
+    """A scene for training the VAE only: any colour and any paint. Like Stable Diffusion's VAE
+    (trained on a broader image set than the diffusion model), the toy's VAE must encode photos
+    of subjects the diffusion model never saw, so it sees every colour and pattern; these images
+    have no captions and never reach the UNet."""
+    paint = rng.choice(("solid", "stripes", "eye", "split"))
+    colours = tuple(tuple(rng.randrange(256) for _ in range(3)) for _ in range(1 if paint == "solid" else 2))
+    return Scene(noun=rng.choice(CLASSES), context=rng.choice(list(CONTEXTS)), paint=paint, colours=colours,
+                 **place(rng))
 
 
 # The templates use the forms DreamBooth's prompts take: "a photo of {identifier} {class}",
@@ -178,10 +186,10 @@ def caption_words():
     return sorted(words)
 
 
-def make_dataset(num_images, seed=0):
+def make_dataset(num_images, seed=0, scene=random_scene):
     """(uint8 array [N, SIZE, SIZE, 3], list of N scenes), the same for the same seed."""
     rng = random.Random(seed)
-    scenes = [random_scene(rng) for _ in range(num_images)]
+    scenes = [scene(rng) for _ in range(num_images)]
     return np.stack([np.asarray(render(s)) for s in scenes]), scenes
 
 
@@ -208,9 +216,8 @@ SUBJECT_IMAGES = 5
 
 def subject_scene(name, context, rng):
     subject = SUBJECTS[name]
-    placed = place(rng, subject.noun, SUBJECT_RADIUS)
-    placed["angle"] = 0.0  # the pattern keeps its orientation
-    return Scene(noun=subject.noun, context=context, paint=subject.paint, colours=subject.colours, **placed)
+    return Scene(noun=subject.noun, context=context, paint=subject.paint, colours=subject.colours,
+                 **place(rng, SUBJECT_RADIUS))
 
 
 def subject_images(name, num_images=SUBJECT_IMAGES, seed=0):
@@ -238,8 +245,16 @@ def contact_sheet(images, columns=8, scale=2):
     return sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST)
 
 
-if __name__ == "__main__":
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "toy-world")
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="Contact sheets of the toy world, or (--subjects) the subjects' photos.")
+    p.add_argument("out", nargs="?", default="toy-world", help="folder for world.png, captions.txt, subjects.png")
+    p.add_argument("--subjects", action="store_true", help="(re)write toy/subjects/<name>/<k>.png instead")
+    args = p.parse_args(argv)
+    if args.subjects:
+        print(f"wrote the subjects' photos to {write_subjects(Path(__file__).resolve().parent / 'subjects')}")
+        return 0
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images, scenes = make_dataset(32, seed=0)
     contact_sheet([Image.fromarray(a) for a in images]).save(out / "world.png")
@@ -247,3 +262,8 @@ if __name__ == "__main__":
     (out / "captions.txt").write_text("\n".join(caption(s, rng) for s in scenes) + "\n")
     contact_sheet([im for name in SUBJECTS for im in subject_images(name)], columns=SUBJECT_IMAGES).save(out / "subjects.png")
     print(f"wrote {out / 'world.png'}, {out / 'captions.txt'} and {out / 'subjects.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The toy Stable Diffusion (toy/): the procedural world, the BPE vocabulary in the Hub's format,
+the shipped weights in our loader and in diffusers, the pixel metrics, a short DreamBooth run
+that learns the subject, and the ablation script's reduced mode."""
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dreambooth
+import train
+from clip_text import CLIPTokenizer
+from load_weights import TOY_MODEL, load_pipeline
+from sample import encode_prompts, generate
+from toy import ablation, bpe, metrics, world
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_pipeline("toy")
+
+
+def test_world_is_deterministic_and_captioned():
+    assert len(world.CLASSES) >= 4 and len(world.COLOURS) >= 6 and len(world.CONTEXTS) >= 4
+    images, scenes = world.make_dataset(16, seed=3)
+    again, same = world.make_dataset(16, seed=3)
+    other, _ = world.make_dataset(16, seed=4)
+    assert images.shape == (16, 32, 32, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, again) and scenes == same and not np.array_equal(images, other)
+    assert len({round(s.radius) for s in scenes}) > 2 and len({round(s.cx) for s in scenes}) > 4  # varied
+    rng = random.Random(0)
+    for scene in scenes:
+        text = world.caption(scene, rng)
+        assert text == "" or scene.noun in text.split()
+    subject = [np.asarray(im) for im in world.subject_images("eye_circle")]
+    assert len(subject) >= 4 and np.array_equal(subject[0], np.asarray(world.subject_images("eye_circle")[0]))
+    # the committed photos are the generator's
+    for name in world.SUBJECTS:
+        committed = sorted((ROOT / "toy" / "subjects" / name).glob("*.png"))
+        assert len(committed) == world.SUBJECT_IMAGES
+        for path, image in zip(committed, world.subject_images(name)):
+            assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(image)), path
+
+
+def test_metrics_read_the_world():
+    images, scenes = world.make_dataset(200, seed=7)
+    assert all(metrics.context_of(a) == s.context for a, s in zip(images, scenes))
+    assert min(metrics.object_mask(a).sum() for a in images) >= 20
+    for name, subject in world.SUBJECTS.items():
+        photos = world.subject_images(name)
+        new_photos = world.subject_images(name, seed=1)
+        same_class = [a for a, s in zip(images, scenes) if s.noun == subject.noun][:20]
+        # new photos of the subject look like it; world objects of its class much less
+        assert metrics.subject_fidelity(new_photos, photos) > metrics.subject_fidelity(same_class, photos) + 0.05
+    assert metrics.div(images[:10]) > 0.1 and metrics.div([images[0]] * 3) == 0
+
+
+def test_bpe_vocabulary_in_the_hub_format(toy, tmp_path):
+    from transformers import CLIPTokenizer as ReferenceTokenizer
+
+    folder = TOY_MODEL / "tokenizer"
+    ours = CLIPTokenizer.from_folder(folder)
+    assert ours.vocab == toy.tokenizer.vocab and ours.merges == toy.tokenizer.merges
+    reference = ReferenceTokenizer.from_pretrained(folder)
+    rng = random.Random(1)
+    prompts = [world.caption(world.random_scene(rng), rng) for _ in range(50)] + ["A photo of DAX star, at night!"]
+    for prompt in prompts:
+        expected = reference(prompt, padding="max_length", max_length=ours.max_length, truncation=True).input_ids
+        assert ours([prompt])[0].tolist() == expected, prompt
+    # every caption word is one token; the rare words never occur in a caption, are whole-word
+    # tokens, and their merges are the last learned: dreambooth draws identifiers among them
+    assert all(len(ours.encode(w)) == 3 for w in world.caption_words())
+    assert not set(bpe.RARE_WORDS) & set(world.caption_words())
+    low, high = bpe.rare_merge_ranks(ours)
+    assert high == len(ours.merges) - 1
+    identifier = dreambooth.choose_identifier(ours, "circle", seed=0)
+    assert ours.merge_rank(identifier + "</w>") >= low
+    # the trainer is deterministic and its output reloads
+    again = bpe.train_tokenizer(prompts[:-1], max_length=16)
+    assert bpe.train_tokenizer(prompts[:-1], max_length=16).merges == again.merges
+    again.save(tmp_path / "tok")
+    assert CLIPTokenizer.from_folder(tmp_path / "tok").encode("a red star") == again.encode("a red star")
+
+
+def test_toy_loads_in_ours_and_in_diffusers(toy):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    assert sum(p.stat().st_size for p in TOY_MODEL.rglob("*") if p.is_file()) <= 20e6
+    reference = StableDiffusionPipeline.from_pretrained(TOY_MODEL, local_files_only=True)
+    reference.set_progress_bar_config(disable=True)
+    prompts = ["a photo of a red square on the grass", "a blue star at night"]
+    ids = toy.tokenizer(prompts)
+    with torch.no_grad():
+        context = encode_prompts(toy, prompts)
+        err = (context - reference.text_encoder(ids).last_hidden_state).abs().max().item()
+        assert err <= 1e-5, f"text encoder differs by {err} (fp32 tolerance 1e-5)"
+        latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([10, 700])
+        err = (toy.unet(latents, t, context) - reference.unet(latents, t, context).sample).abs().max().item()
+        assert err <= 1e-5, f"UNet differs by {err} (fp32 tolerance 1e-5)"
+        err = (toy.vae.decode(latents) - reference.vae.decode(latents).sample).abs().max().item()
+        assert err <= 1e-5, f"VAE decoder differs by {err} (fp32 tolerance 1e-5)"
+    # end to end, pixels: the same seeds give the same images in both pipelines
+    reference.scheduler = DDIMScheduler.from_config(reference.scheduler.config)
+    generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    expected = reference(prompts, num_inference_steps=10, guidance_scale=5.0, generator=generators,
+                         output_type="np").images
+    images = generate(toy, prompts, steps=10, guidance_scale=5.0, seed=5, mixed_precision="no", progress=False)
+    got = np.stack([np.asarray(im) for im in images]).astype(np.int16)
+    err = np.abs(got - (expected * 255).round().astype(np.int16)).max()
+    assert err <= 1, f"pixels differ by {err} levels (tolerance 1: uint8 rounding)"
+    assert got.shape == (2, 32, 32, 3) and got.std() > 10
+
+
+def test_toy_draws_what_captions_say(toy):
+    """The pretrained toy follows its prompts: the named context, most of the time."""
+    contexts = list(world.CONTEXTS)
+    images = generate(toy, [f"a photo of a red circle {c}" for c in contexts for _ in range(2)], steps=20,
+                      guidance_scale=5.0, seed=0, mixed_precision="no", progress=False, batch_size=10)
+    assert metrics.prompt_fidelity(images, [c for c in contexts for _ in range(2)]) >= 0.8
+
+
+def test_dreambooth_raises_subject_fidelity(toy, tmp_path):
+    """A short run of the real trainer on a toy subject: [V] samples look more like the subject
+    than the pretrained model's samples of the same prompt."""
+    subject = "eye_circle"
+    out = tmp_path / "run"
+    argv = [*ablation.TOY_FLAGS, "--instance_dir", str(ablation.SUBJECTS_DIR / subject), "--class_noun", "circle",
+            "--no_prior_preservation", "--max_steps", "150", "--output_dir", str(out)]
+    assert train.main(argv) == 0
+    info = json.loads((out / "dreambooth.json").read_text())
+    photos = ablation.subject_photos(subject)
+    kwargs = dict(per_context=2, class_images=2, steps=15)
+    before, _, _ = ablation.evaluate(toy, info["instance_prompt"], "a photo of circle", photos, **kwargs)
+    after, _, _ = ablation.evaluate(load_pipeline(out), info["instance_prompt"], "a photo of circle", photos, **kwargs)
+    assert after["subject_fidelity"] > before["subject_fidelity"] + 0.05, (before, after)
+
+
+def test_ablation_quick_mode(tmp_path):
+    assert ablation.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    assert set(result["scores"]) == {"pretrained", *ablation.CONFIGS}
+    for runs in result["scores"].values():
+        assert len(runs) == 1 and all(np.isfinite(v) for v in runs[0].values())
+    table = (tmp_path / "ablation.md").read_text()
+    assert "Table 3" in table and "Table 4" in table and "wrong class noun" in table
+    assert len(list(tmp_path.glob("grid-*.png"))) == 1
+    assert not any((tmp_path / "runs").iterdir())  # the fine-tuned models are removed after scoring
