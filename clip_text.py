@@ -228,6 +228,19 @@ def _read_special_token(value):
     return value["content"] if isinstance(value, dict) else value  # str or an AddedToken dict
 
 
+def merge_pair(symbols, pair):
+    """Merge every occurrence of the adjacent `pair` in a word's symbols, left to right."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
+
+
 class CLIPTokenizer:
     """CLIP's byte-level BPE tokenizer, read from a Hub `tokenizer/` folder.
 
@@ -335,15 +348,7 @@ class CLIPTokenizer:
                 pair = min(zip(parts, parts[1:]), key=lambda p: self._ranks.get(p, float("inf")))
                 if pair not in self._ranks:
                     break
-                merged, i = [], 0
-                while i < len(parts):  # merge every occurrence, left to right
-                    if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
-                        merged.append(parts[i] + parts[i + 1])
-                        i += 2
-                    else:
-                        merged.append(parts[i])
-                        i += 1
-                parts = merged
+                parts = merge_pair(parts, pair)
             self._cache[word] = tuple(parts)
         return list(self._cache[word])
 
@@ -494,6 +499,16 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+def embedding(num_embeddings, dim):
+    """nn.Embedding with PyTorch's N(0, 1) initialisation, skipped on the meta device: there
+    the loader overwrites it anyway, and nn.init on a meta tensor imports torch._dynamo, a
+    one-time ~1 s that would be most of a load's time (bench/README.md, issue 3)."""
+    weight = torch.empty(num_embeddings, dim)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(num_embeddings, dim, _weight=weight)
+
+
 class CLIPTextModel(nn.Module):
     """Token ids [B, T] (T <= 77) -> the text conditioning [B, T, hidden_size].
 
@@ -509,8 +524,8 @@ class CLIPTextModel(nn.Module):
         # text_model.embeddings.token_embedding.weight, text_model.encoder.layers.0.mlp.fc1.bias, ...
         self.text_model = nn.ModuleDict(dict(
             embeddings=nn.ModuleDict(dict(
-                token_embedding=nn.Embedding(config.vocab_size, width),
-                position_embedding=nn.Embedding(config.max_position_embeddings, width),
+                token_embedding=embedding(config.vocab_size, width),
+                position_embedding=embedding(config.max_position_embeddings, width),
             )),
             encoder=nn.ModuleDict(dict(
                 layers=nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)),

@@ -35,8 +35,8 @@ def stochastic_round_to_bf16(x, generator):
     """fp32 -> bf16 with probability-weighted rounding: bf16 keeps the top 16 bits of an fp32
     number, so adding uniform random 16-bit noise to the bit pattern before cutting the low 16
     bits rounds the magnitude up with probability (dropped bits) / 2^16. Finite inputs only."""
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, generator=generator, device=x.device)
-    bits = x.view(torch.int32) + noise  # a carry into the exponent is the correct round-up
+    bits = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, generator=generator, device=x.device)
+    bits.add_(x.view(torch.int32))  # the noise plus x's bit pattern; a carry into the exponent is a round-up
     return bits.bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)  # exact: low bits are zero
 
 

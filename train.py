@@ -15,7 +15,7 @@ kept in that half precision. On CPU the same code runs (fp32, or bf16 autocast).
 Memory: --low_memory fits SD 1.5 at 512 px with prior preservation on a 16 GB GPU. It means
 --cache_latents (the VAE and the frozen text encoder leave the GPU after encoding once),
 --gradient_checkpointing and --optimizer_state bf16 (AdamW's moments stored in bf16, optim.py):
-by bench/memory.py's accounting about 11 GB instead of about 20 GB (bench/TRAINING.md).
+by bench/memory.py's accounting about 11 GB instead of about 20 GB (bench/README.md, issue 6).
 """
 import argparse
 import contextlib
@@ -40,6 +40,14 @@ import dreambooth
 import optim
 import sample
 from load_weights import DEFAULT_MODEL, LoadError, load_pipeline, save_pipeline
+
+# `--model toy` (toy/: the tiny Stable Diffusion pretrained by this project, 32 px) brings its own
+# recipe, because the defaults above are for SD at 512 px; a flag given on the command line wins.
+# 50 class images of 25 sampler steps, then 1000 training steps at a learning rate the tiny UNet
+# needs: about a minute on 2 CPU cores, class images included (README, "Quick start"). fp32: at
+# this size bf16 is no faster on a CPU.
+TOY_RECIPE = dict(resolution=32, num_class_images=50, class_steps=25, class_guidance_scale=5.0, sample_batch_size=25,
+                  max_steps=1000, lr=2e-4, mixed_precision="no", cache_latents=True, validation_steps=25)
 
 
 def build_parser():
@@ -255,9 +263,17 @@ class Distributed:
             dist.destroy_process_group()
 
 
+def parse_args(parser, argv=None):
+    args = parser.parse_args(argv)
+    if args.model == "toy":
+        parser.set_defaults(**TOY_RECIPE)
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     check_args(parser, args)
     env = Distributed(args.device)
     try:

@@ -274,7 +274,7 @@ class SpatialTransformer(nn.Module):
         # strides, and a convolution given one runs (and differentiates) in channels-last, whose
         # bf16 weight gradient oneDNN computes several times slower on CPU; the layout would then
         # spread to the following blocks through the residual add. This halved the UNet's
-        # convolution-backward time (bench/TRAINING.md).
+        # convolution-backward time (bench/README.md, issue 6).
         h = h.transpose(1, 2).unflatten(2, (H, W)).contiguous()
         h = h if self.linear else self.proj_out(h)
         return x + h

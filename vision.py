@@ -39,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from clip_text import ACTIVATIONS, CLIPAttention, CLIPEncoderLayer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from clip_text import (ACTIVATIONS, CLIPAttention, CLIPEncoderLayer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
+                       embedding)
 from load_weights import TOKENIZER_FILES, LoadError, build_module, compact, hub_snapshot, read_state_dict
 
 DINO_MODEL = "facebook/dino-vits16"
@@ -279,7 +280,7 @@ class CLIPVisionEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.randn(width) * width ** -0.5)
         self.patch_embedding = nn.Conv2d(config.num_channels, width, kernel_size=config.patch_size,
                                          stride=config.patch_size, bias=False)
-        self.position_embedding = nn.Embedding(1 + num_patches, width)
+        self.position_embedding = embedding(1 + num_patches, width)
 
     def forward(self, pixel_values):
         patches = patchify(self.patch_embedding, pixel_values)

@@ -9,7 +9,10 @@ SD 1.5-size random weights (bench/common.py), guidance 7.5, eta 0, seed 0, the s
   diffusers: StableDiffusionPipeline.from_pretrained(folder) (safety checker off) with
              DDIMScheduler.from_config(its scheduler config), called under
              torch.autocast("cpu", dtype=torch.bfloat16) for bf16 and plainly for fp32.
-Both pipelines are loaded in fp32 into ONE process; after a warm-up call per side (with
+Both pipelines are loaded into ONE process, as their users run them: ours as sample.py's CLI
+loads it, with the weights in the autocast dtype (bf16 for bf16: autocast would otherwise cast
+every frozen fp32 weight again at every step), diffusers in fp32 (its default; its parameters
+require grad, so autocast caches their bf16 copies for the whole call instead). After a warm-up call per side (with
 --warmup-steps steps) the sides run alternately, the order flipping every round; medians of
 wall time and of user CPU time are reported. A forward hook on each UNet sums the time spent in
 the UNet, so the table also gives seconds per denoising step (UNet time / steps; the rest of
@@ -36,13 +39,13 @@ PROMPT = "a photo of an astronaut riding a horse on mars"
 SIDES = ("ours", "diffusers")
 
 
-def load_side(side, folder):
+def load_side(side, folder, precision):
     import torch
 
     if side == "ours":
         from load_weights import load_pipeline
 
-        return load_pipeline(folder, dtype=torch.float32)
+        return load_pipeline(folder, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
@@ -99,7 +102,7 @@ class UNetClock:
 def child_rss(side, precision, folder, steps, args):
     """Fresh process: load one side, make one image, report peak RSS (VmHWM)."""
     t0 = time.perf_counter()
-    pipe = load_side(side, folder)
+    pipe = load_side(side, folder, precision)
     load_s = time.perf_counter() - t0
     after_load = common.proc_status()
     _, t = common.measure(image_fn(side, pipe, precision, steps, args))
@@ -197,10 +200,11 @@ def main(argv=None):
     else:
         print(f"{args.size}x{args.size}: components only")
 
-    pipes = {side: load_side(side, folder) for side in SIDES}
-    clocks = {side: UNetClock(pipes[side].unet) for side in SIDES}
     raw = {}
     for precision in precisions:
+        pipes = clocks = None  # the previous precision's pipelines go before the next are loaded
+        pipes = {side: load_side(side, folder, precision) for side in SIDES}
+        clocks = {side: UNetClock(pipes[side].unet) for side in SIDES}
         if args.rounds == 0:  # components only
             comp = components(pipes, precision, args, args.component_rounds)
             raw[precision] = dict(components=comp)

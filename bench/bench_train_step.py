@@ -29,8 +29,8 @@ and AdamW state (~14 GB, not ~28). Every step really updates the shared weights.
 set to None before each side's step, so each starts as its own first step would (the
 reference's zeroed gradients from the previous step are dropped). A warm-up round, then
 --rounds rounds alternating the sides (order flipping every round); medians of wall and user
-CPU time. Peak memory: one fresh process per side (nothing shared) running --rss-steps steps;
-VmHWM (peak resident set) from /proc/self/status.
+CPU time. Peak memory: one fresh process per side (nothing shared) running --rss-steps steps,
+before the timing; VmHWM (peak resident set) from /proc/self/status.
 Re-runs itself with REFERENCE.md's malloc settings unless --malloc default.
 """
 import argparse
@@ -134,8 +134,9 @@ def build_reference(folder, unet, checkpointing):
     torch.manual_seed(SEED)
 
     def step():
-        input_ids = torch.cat([tokenizer(p, truncation=True, padding="max_length", max_length=tokenizer.model_max_length,
-                                         return_tensors="pt").input_ids for p in (INSTANCE_PROMPT, CLASS_PROMPT)])
+        input_ids = torch.cat([tokenizer(p, truncation=True, padding="max_length",
+                                         max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+                               for p in (INSTANCE_PROMPT, CLASS_PROMPT)])
         model_input = vae.encode(pixel_values.to(dtype=torch.bfloat16)).latent_dist.sample()
         model_input = model_input * vae.config.scaling_factor
         noise = torch.randn_like(model_input)
@@ -190,18 +191,18 @@ def main(argv=None):
     p.add_argument("--rss-steps", type=int, default=2, help="steps of each fresh peak-RSS process (0: skip)")
     p.add_argument("--skip-timing", action="store_true", help="only the fresh peak-RSS processes")
     p.add_argument("--malloc", choices=["stable", "default"], default="stable")
+    train_common.add_threads_arg(p)
     p.add_argument("--json", help="also write the raw numbers to this file")
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     train_common.reexec_with_stable_malloc(__file__, argv or sys.argv[1:], args.malloc)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    train_common.set_threads(args.threads)
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     if args.child:
         return child(args)
-    import torch
-
     folder = common.build_sd15_folder(args.cache)
     for line in train_common.header_lines():
         print(line, flush=True)
@@ -209,7 +210,24 @@ def main(argv=None):
     print(f"512 px, prior preservation (1 + 1 images), bf16 autocast, AdamW, {ckpt} gradient checkpointing",
           flush=True)
     raw = dict(gradient_checkpointing=args.gradient_checkpointing)
+    # The fresh peak-RSS processes first: with the malloc settings above this process never gives
+    # memory back, so after timing it would still hold ~18 GB.
+    rss = {}
+    if args.rss_steps:
+        for side in SIDES:
+            out, _ = common.run_child([__file__, "--child", side, "--cache", str(folder), "--rss-steps",
+                                       str(args.rss_steps), "--malloc", args.malloc, "--threads", str(args.threads)]
+                                      + (["--gradient-checkpointing"] if args.gradient_checkpointing else []),
+                                      env={"TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore::FutureWarning"})
+            rss[side] = out
+            walls = ", ".join(f"{s['wall']:.1f}" for s in out["steps"])
+            losses = ", ".join(f"{s['loss']:.4f}" for s in out["steps"])
+            peak = common.gib(out["status"]["VmHWM"])
+            print(f"  [fresh process, {args.rss_steps} steps] {side}: peak RSS {peak:.2f} GiB, steps {walls} s, "
+                  f"losses {losses}", file=sys.stderr, flush=True)
+        raw["rss"] = rss
     if not args.skip_timing:
+        matmul = train_common.MatmulPeak().measure()
         ours_unet, ref_unet = train_common.load_unet_pair(folder)
         ours_step, ours_opt = build_ours(folder, args.gradient_checkpointing, ours_unet)
         ref_step, ref_opt = build_reference(folder, ref_unet, args.gradient_checkpointing)
@@ -226,23 +244,10 @@ def main(argv=None):
         timings = common.alternate({"ours": timed("ours", ours_step), "reference": timed("reference", ref_step)},
                                    rounds=args.rounds, warmup=1)
         flops, _ = train_common.count_flops(timed("ours", ours_step))
-        peaks = {dtype: train_common.matmul_tflops(dtype) for dtype in (torch.bfloat16, torch.float32)}
-        raw.update(timings=timings, losses=losses, flops=flops,
-                   matmul_tflops={"bf16": peaks[torch.bfloat16], "fp32": peaks[torch.float32]})
+        matmul.measure()
+        raw.update(timings=timings, losses=losses, flops=flops, matmul_tflops=dict(
+            bf16=matmul.best("bf16"), fp32=matmul.best("fp32"), samples=matmul.samples))
         del ours_step, ref_step, ours_opt, ref_opt, ours_unet, ref_unet, params
-    rss = {}
-    if args.rss_steps:
-        for side in SIDES:
-            out, _ = common.run_child([__file__, "--child", side, "--cache", str(folder), "--rss-steps",
-                                       str(args.rss_steps), "--malloc", args.malloc]
-                                      + (["--gradient-checkpointing"] if args.gradient_checkpointing else []),
-                                      env={"TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore::FutureWarning"})
-            rss[side] = out
-            walls = ", ".join(f"{s['wall']:.1f}" for s in out["steps"])
-            losses = ", ".join(f"{s['loss']:.4f}" for s in out["steps"])
-            print(f"  [fresh process, {args.rss_steps} steps] {side}: peak RSS {common.gib(out['status']['VmHWM']):.2f} "
-                  f"GiB, steps {walls} s, losses {losses}", file=sys.stderr, flush=True)
-        raw["rss"] = rss
     report(raw, args)
     print(f"\nload average at end: {' '.join(common.load_average())}")
     if args.json:

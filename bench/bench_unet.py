@@ -16,7 +16,8 @@ weights from common.build_sd15_folder). Per row: two untimed passes per side, on
 (train_common.LiveTensors: activations, temporaries and, in training rows, the gradients), then
 a warm-up round and --rounds rounds with the sides alternating (the order flips every round);
 medians of wall time, user CPU time, and achieved TFLOP/s next to the bf16 and fp32 matmul
-throughput measured in the same run. Gradients are dropped (set to None) after every pass.
+throughput measured in the same run (before every row and at the end; the best counts).
+Gradients are dropped (set to None) after every pass.
 Re-runs itself with REFERENCE.md's malloc settings unless --malloc default.
 """
 import argparse
@@ -79,6 +80,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--latent", type=int, default=64, help="latent height and width (pixels / 8)")
     p.add_argument("--malloc", choices=["stable", "default"], default="stable")
+    train_common.add_threads_arg(p)
     p.add_argument("--json", help="also write the raw numbers to this file")
     args = p.parse_args(argv)
     rows = args.rows.split(",")
@@ -86,6 +88,7 @@ def main(argv=None):
         p.error(f"--rows: choose among {', '.join(ROWS)}")
     train_common.reexec_with_stable_malloc(__file__, argv or sys.argv[1:], args.malloc)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    train_common.set_threads(args.threads)
     import warnings
 
     import torch
@@ -102,11 +105,10 @@ def main(argv=None):
               torch.tensor([10, 900] * (args.batch // 2) + [500] * (args.batch % 2)),
               torch.randn(args.batch, 77, 768, generator=g))
 
-    peaks = {dtype: train_common.matmul_tflops(dtype) for dtype in (torch.bfloat16, torch.float32)}
-    print(f"matmul throughput (4096^3, this run): bf16 {peaks[torch.bfloat16]:.2f} TFLOP/s, "
-          f"fp32 {peaks[torch.float32]:.3f} TFLOP/s", flush=True)
-    raw = {"matmul_tflops": {"bf16": peaks[torch.bfloat16], "fp32": peaks[torch.float32]}, "rows": {}}
+    matmul = train_common.MatmulPeak().measure()
+    raw = {"rows": {}}
     for row in rows:
+        matmul.measure()  # before every row: the best of these is the machine's throughput
         calls = make_calls(unets, row, inputs)
         info = {}
         for side in SIDES:
@@ -118,6 +120,10 @@ def main(argv=None):
                   f"{meter.peak / 1e9:.2f} GB", file=sys.stderr, flush=True)
         timings = common.alternate(calls, rounds=args.rounds, warmup=1)
         raw["rows"][row] = {side: dict(info[side], timings=timings[side]) for side in SIDES}
+    matmul.measure()
+    raw["matmul_tflops"] = matmul.samples
+    print(f"matmul throughput (4096^3): {matmul.line()}")
+    peaks = {torch.bfloat16: matmul.best("bf16"), torch.float32: matmul.best("fp32")}
     report(raw, rows, args, peaks)
     print(f"\nload average at end: {' '.join(common.load_average())}")
     if args.json:

@@ -150,7 +150,8 @@ def accounting(args):
                   file=sys.stderr, flush=True)
     del ref
     measured["vae-encode"] = measure_vae_encode(folder)
-    print(f"  diffusers VAE encode of 2 images: peak {measured['vae-encode'] / 1e9:.2f} GB", file=sys.stderr, flush=True)
+    print(f"  diffusers VAE encode of 2 images: peak {measured['vae-encode'] / 1e9:.2f} GB", file=sys.stderr,
+          flush=True)
     measured["low-memory-step"] = measure_low_memory_step(ours, inputs)
     print(f"  memory-mode step: peak created {measured['low-memory-step']['peak'] / 1e9:.2f} GB", file=sys.stderr,
           flush=True)
@@ -185,7 +186,8 @@ def accounting(args):
     print("\nmeasured peaks of created tensors (GB): " + ", ".join(
         f"{k} {v['peak'] / 1e9:.2f} (activations alone {v['activations'] / 1e9:.2f})"
         for k, v in m.items() if isinstance(v, dict) and "activations" in v)
-        + f"; diffusers VAE encode {m['vae-encode'] / 1e9:.2f}; memory-mode step {m['low-memory-step']['peak'] / 1e9:.2f}")
+        + f"; diffusers VAE encode {m['vae-encode'] / 1e9:.2f}; memory-mode step "
+        f"{m['low-memory-step']['peak'] / 1e9:.2f}")
     return dict(parameters=counts, measured=measured, rows=rows)
 
 
@@ -203,12 +205,14 @@ def loss_curves(args):
     curves = {}
     for name, flags in (("default", ["--cache_latents"]), ("low_memory", ["--low_memory"])):
         out = work / name
-        argv = [str(common.ROOT / "train.py"), "--model", str(folder), "--instance_dir", str(DOG), "--class_noun", "dog",
-                "--identifier", "sks", "--class_dir", str(class_dir), "--num_class_images", str(args.class_images),
+        argv = [str(common.ROOT / "train.py"), "--model", str(folder), "--instance_dir", str(DOG),
+                "--class_noun", "dog", "--identifier", "sks", "--class_dir", str(class_dir),
+                "--num_class_images", str(args.class_images),
                 "--resolution", str(args.loss_resolution), "--max_steps", str(args.loss_steps), "--lr", str(args.lr),
                 "--mixed_precision", "bf16", "--seed", "0", "--output_dir", str(out), *flags]
         print(f"running: python {' '.join(argv)}", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, *argv], check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+        subprocess.run([sys.executable, *argv], check=True, env={**os.environ, "TQDM_DISABLE": "1", **threads})
         curves[name] = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
         shutil.rmtree(out / "unet", ignore_errors=True)  # 3.4 GB each; the log is what we compare
         shutil.rmtree(out / "vae", ignore_errors=True)
@@ -237,20 +241,22 @@ def main(argv=None):
     p.add_argument("--class-images", type=int, default=2)
     p.add_argument("--workdir", default=None, help="where the train.py runs write (default: the system temp dir)")
     p.add_argument("--malloc", choices=["stable", "default"], default="stable")
+    train_common.add_threads_arg(p)
     p.add_argument("--json", help="also write the raw numbers to this file")
     args = p.parse_args(argv)
     train_common.reexec_with_stable_malloc(__file__, argv or sys.argv[1:], args.malloc)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    train_common.set_threads(args.threads)
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     for line in train_common.header_lines():
         print(line, flush=True)
     raw = {}
+    if args.loss_steps:  # first: with the malloc settings this process never gives memory back
+        raw["loss_curves"] = loss_curves(args)
     if not args.skip_accounting:
         raw["accounting"] = accounting(args)
-    if args.loss_steps:
-        raw["loss_curves"] = loss_curves(args)
     print(f"\nload average at end: {' '.join(common.load_average())}")
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1, default=str))

@@ -7,8 +7,9 @@
   objects (load_state_dict(strict=True, assign=True) of diffusers' state dict with keep_vars):
   the two sides compute with identical weights, and the process holds one copy (3.4 GB) instead
   of two; gradients and AdamW state can be shared too (see bench_train_step.py).
-- matmul_tflops: the machine's bf16 and fp32 matmul throughput, measured in the same run as the
-  benchmark (these VMs are shared, so a number from another time means little).
+- matmul_tflops / MatmulPeak: the machine's bf16 and fp32 matmul throughput (4096^3), measured
+  in the same run as the benchmark, several times (these VMs are shared: a number from another
+  time, or taken while another job runs, means little); the best is the reference.
 - count_flops: FLOPs of a call counted by torch.utils.flop_counter (matmuls, convolutions and
   attention, forward and backward), with formulas added for CPU flash attention, which
   flop_counter does not know.
@@ -31,6 +32,19 @@ def reexec_with_stable_malloc(script, argv, malloc="stable"):
     """Run `script` again with REFERENCE.md's MALLOC_* settings (glibc reads them at start)."""
     if malloc == "stable" and any(os.environ.get(k) != v for k, v in common.STABLE_MALLOC_ENV.items()):
         os.execve(sys.executable, [sys.executable, script, *argv], {**os.environ, **common.STABLE_MALLOC_ENV})
+
+
+def add_threads_arg(parser):
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default). On a shared VM where another job keeps a "
+                             "core busy, 1 avoids two threads waiting for each other on one core")
+
+
+def set_threads(n):
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
 
 
 def header_lines():
@@ -87,6 +101,30 @@ def matmul_tflops(dtype, size=4096, repeats=7):
         a @ b
         times.append(time.perf_counter() - t0)
     return 2 * size ** 3 / statistics.median(times) / 1e12
+
+
+class MatmulPeak:
+    """The machine's bf16 and fp32 matmul throughput, measured again at every call of measure()
+    (these VMs are shared: a measurement taken while another job runs is low); best() is the
+    highest seen in this run, the figure benchmarks are compared against."""
+
+    def __init__(self):
+        self.samples = {"bf16": [], "fp32": []}
+
+    def measure(self):
+        import torch
+
+        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            self.samples[name].append(matmul_tflops(dtype))
+        return self
+
+    def best(self, name):
+        return max(self.samples[name])
+
+    def line(self):
+        return (f"bf16 {self.best('bf16'):.2f} TFLOP/s, fp32 {self.best('fp32'):.3f} TFLOP/s (best of "
+                f"{len(self.samples['bf16'])} measurements in this run: bf16 "
+                f"{', '.join(f'{v:.2f}' for v in self.samples['bf16'])})")
 
 
 _REGISTERED = False

@@ -150,7 +150,9 @@ def test_a_failing_rank_stops_the_others(tiny_sd1, instance_dir, tmp_path, capfd
     the failing rank says who it is."""
     import time
     start = time.monotonic()
-    with pytest.raises(mp.ProcessRaisedException, match="disk full"):
+    # The launcher raises the error of whichever process exits first: rank 1's own, or rank 0's
+    # lost connection at the barrier (a race). Either way both end, and rank 1 named itself.
+    with pytest.raises(mp.ProcessRaisedException, match="disk full|Connection closed"):
         mp.spawn(_failing_worker, args=(_free_port(), train_args(tiny_sd1, instance_dir, tmp_path / "out",
                                                                  "--max_steps", "2")), nprocs=2)
     assert time.monotonic() - start < 120

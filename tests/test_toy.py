@@ -99,7 +99,7 @@ def test_toy_loads_in_ours_and_in_diffusers(toy):
         context = encode_prompts(toy, prompts)
         err = (context - reference.text_encoder(ids).last_hidden_state).abs().max().item()
         assert err <= 1e-5, f"text encoder differs by {err} (fp32 tolerance 1e-5)"
-        latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        latents = torch.randn(2, toy.unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
         t = torch.tensor([10, 700])
         err = (toy.unet(latents, t, context) - reference.unet(latents, t, context).sample).abs().max().item()
         assert err <= 1e-5, f"UNet differs by {err} (fp32 tolerance 1e-5)"

@@ -44,11 +44,8 @@ from toy import metrics, world  # noqa: E402
 HERE = Path(__file__).resolve().parent
 SUBJECTS_DIR = HERE / "subjects"
 
-# The toy recipe for train.py (Stable Diffusion's defaults are for 512 px and a 1B-parameter
-# model): 32 px, 50 class images of 25 steps, 300 steps at a learning rate the tiny UNet needs.
-TOY_FLAGS = ["--model", "toy", "--resolution", "32", "--num_class_images", "50", "--class_steps", "25",
-             "--class_guidance_scale", "5", "--sample_batch_size", "25", "--max_steps", "300", "--lr", "2e-4",
-             "--mixed_precision", "no", "--cache_latents"]
+# train.py's own toy recipe (train.TOY_RECIPE: 32 px, 50 class images, 1000 steps, ...)
+TOY_FLAGS = ["--model", "toy"]
 QUICK_FLAGS = ["--num_class_images", "4", "--class_steps", "5", "--max_steps", "30"]  # override TOY_FLAGS
 EVAL = dict(steps=25, guidance_scale=5.0)          # sampler settings of every scored image
 WRONG_CLASS = {"square": "circle", "circle": "square", "triangle": "circle", "star": "circle"}

@@ -19,7 +19,8 @@ merge in rank order, then <|startoftext|> and <|endoftext|>.
 """
 from collections import Counter
 
-from clip_text import BYTE_TO_UNICODE, END_OF_WORD, END_TOKEN, START_TOKEN, CLIPTokenizer, clean_text, pre_tokenize
+from clip_text import (BYTE_TO_UNICODE, END_OF_WORD, END_TOKEN, START_TOKEN, CLIPTokenizer, clean_text, merge_pair,
+                       pre_tokenize)
 
 # Short made-up words for identifiers: never in a caption, not an English word of the captions.
 # ("dax" and "wug" are linguists' classic nonce words.)
@@ -35,19 +36,6 @@ def word_counts(texts):
         for piece in pre_tokenize(clean_text(text)):
             counts["".join(BYTE_TO_UNICODE[b] for b in piece.encode("utf-8"))] += 1
     return counts
-
-
-def _merge(symbols, pair):
-    """Merge every occurrence of `pair` in a word, left to right (as CLIPTokenizer.bpe does)."""
-    out, i = [], 0
-    while i < len(symbols):
-        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-            out.append(symbols[i] + symbols[i + 1])
-            i += 2
-        else:
-            out.append(symbols[i])
-            i += 1
-    return tuple(out)
 
 
 def learn_merges(counts, max_merges=None):
@@ -69,7 +57,7 @@ def learn_merges(counts, max_merges=None):
         merges.append(best)
         merged = Counter()
         for symbols, n in words.items():
-            merged[_merge(symbols, best) if best[0] in symbols else symbols] += n
+            merged[tuple(merge_pair(symbols, best)) if best[0] in symbols else symbols] += n
         words = merged
     return merges
 

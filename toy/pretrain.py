@@ -6,7 +6,7 @@ Diffusion was (Rombach et al., 2022), in three stages:
 
   1. Tokenizer: byte-level BPE learned on the captions (toy/bpe.py), plus a few made-up words
      that never occur in a caption: the rare identifiers DreamBooth needs.
-  2. VAE: 32x32x3 images <-> 16x16x4 latents, trained alone on reconstruction (L1 + MSE) with a
+  2. VAE: 32x32x3 images <-> 16x16x8 latents, trained alone on reconstruction (L1 + MSE) with a
      small KL term (LDM section 3.1), on the world's images and as many of any colour and
      pattern (world.random_codec_scene), so that it also encodes the subjects' photos; then
      scaling_factor = 1 / std of the latents, so the diffusion model sees unit-variance data
@@ -51,10 +51,13 @@ MAX_TOKENS = 16  # the longest caption is 11 tokens with start and end; SD's CLI
 # The tiny configs. Same classes and config keys as Stable Diffusion's, scaled down:
 #   SD 1.5: VAE (128, 256, 512, 512) 8x down, UNet (320, 640, 1280, 1280), CLIP 768 x 12 layers.
 VAE_CONFIG = VAEConfig(
-    block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+    block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=8,
     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    sample_size=world.SIZE)  # 32x32 pixels -> 16x16 latents; scaling_factor is measured below
+    sample_size=world.SIZE)  # 32x32x3 pixels -> 16x16x8 latents; scaling_factor is measured below
+# 8 latent channels (SD has 4) keep the codec nearly lossless: a 2x2 pixel block (12 numbers)
+# becomes 8, so the subjects' stripes and eyes survive the round trip.
 UNET_CONFIG = UNetConfig(
+    in_channels=VAE_CONFIG.latent_channels, out_channels=VAE_CONFIG.latent_channels,
     block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
     # cross-attention at 8x8 and 4x4 latent cells (4x4 and 8x8 pixels each): enough to place an
     # object and colour it; the 16x16 level is convolutions only (attention there doubles the cost)
@@ -201,12 +204,12 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(HERE / "model"), help="the diffusers-layout folder to write")
     p.add_argument("--num_images", type=int, default=30000, help="world images rendered for training")
-    p.add_argument("--num_codec_images", type=int, default=10000, help="images of any colour and pattern for the VAE")
-    p.add_argument("--vae_steps", type=int, default=1500)
+    p.add_argument("--num_codec_images", type=int, default=20000, help="images of any colour and pattern for the VAE")
+    p.add_argument("--vae_steps", type=int, default=2000)
     p.add_argument("--vae_lr", type=float, default=1e-3)
     p.add_argument("--vae_batch_size", type=int, default=32)
     p.add_argument("--kl_weight", type=float, default=1e-4)
-    p.add_argument("--unet_steps", type=int, default=6000)
+    p.add_argument("--unet_steps", type=int, default=10000)
     p.add_argument("--lr", type=float, default=1e-3, help="UNet and text encoder peak learning rate")
     p.add_argument("--warmup_steps", type=int, default=300)
     p.add_argument("--batch_size", type=int, default=32)
