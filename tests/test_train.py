@@ -278,14 +278,22 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_sd1, instance_dir, tmp_path):
     argv = [sys.executable, "train.py", "--model", str(tiny_sd1), "--instance_dir", str(instance_dir),
             "--class_noun", "square", "--resolution", "16", "--output_dir", str(out), "--mixed_precision", "no",
             "--no_prior_preservation", "--max_steps", "100000", "--checkpoint_every", "1"]
+    import threading
     process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                stderr=subprocess.PIPE, text=True)
+    # Read stderr all along, as a terminal would: left unread, the progress bar fills the pipe and
+    # the child blocks in a write (seen: then it hung on exit after the interrupt, ~1 run in 10).
+    captured = []
+    reader = threading.Thread(target=lambda: captured.append(process.stderr.read()))
+    reader.start()
     deadline = time.monotonic() + 120
     while not (out / "checkpoints").is_dir() or not list((out / "checkpoints").glob("step-*")):
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    process.wait(timeout=60)
+    reader.join()
+    err = captured[0]
     assert process.returncode == 130
     assert "is intact; continue with --resume latest" in err
     # every checkpoint folder is complete, and the run continues from the latest one
