@@ -279,10 +279,15 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_sd1, instance_dir, tmp_path):
             "--class_noun", "square", "--resolution", "16", "--output_dir", str(out), "--mixed_precision", "no",
             "--no_prior_preservation", "--max_steps", "100000", "--checkpoint_every", "1"]
     import threading
-    process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               stderr=subprocess.PIPE, text=True)
-    # Read stderr all along, as a terminal would: left unread, the progress bar fills the pipe and
-    # the child blocks in a write (seen: then it hung on exit after the interrupt, ~1 run in 10).
+    # A shell starts background jobs with SIGINT ignored, and a child inherits that: then Python
+    # never turns Ctrl-C into KeyboardInterrupt. Start the child with the default disposition.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                   stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    # Read stderr all along, as a terminal would, so the progress bar never blocks on a full pipe.
     captured = []
     reader = threading.Thread(target=lambda: captured.append(process.stderr.read()))
     reader.start()
