@@ -12,9 +12,9 @@ SD 1.5-size random weights (bench/common.py), guidance 7.5, eta 0, seed 0, the s
 Both pipelines are loaded into ONE process, as their users run them: ours as sample.py's CLI
 loads it, with the weights in the autocast dtype (bf16 for bf16: autocast would otherwise cast
 every frozen fp32 weight again at every step), diffusers in fp32 (its default; its parameters
-require grad, so autocast caches their bf16 copies for the whole call instead). After a warm-up call per side (with
---warmup-steps steps) the sides run alternately, the order flipping every round; medians of
-wall time and of user CPU time are reported. A forward hook on each UNet sums the time spent in
+require grad, so autocast caches their bf16 copies for the whole call instead). After a warm-up
+call per side (with --warmup-steps steps) the sides run alternately, the order flipping every
+round; medians of wall time and of user CPU time are reported. A forward hook on each UNet sums the time spent in
 the UNet, so the table also gives seconds per denoising step (UNet time / steps; the rest of
 the image is the text encoder, the sampler arithmetic and the VAE decode).
 Peak RSS comes from one fresh process per side and precision (load + one image with

@@ -105,7 +105,7 @@ def main(argv=None):
               torch.tensor([10, 900] * (args.batch // 2) + [500] * (args.batch % 2)),
               torch.randn(args.batch, 77, 768, generator=g))
 
-    matmul = train_common.MatmulPeak().measure()
+    matmul = train_common.MatmulPeak()
     raw = {"rows": {}}
     for row in rows:
         matmul.measure()  # before every row: the best of these is the machine's throughput

@@ -494,3 +494,20 @@ def test_full_size_keys_and_shapes_equal_transformers(preset):
     width = {"sd15": 768}.get(preset, 1024)
     assert got["text_model.embeddings.token_embedding.weight"] == (49408, width)
     assert got["text_model.embeddings.position_embedding.weight"] == (77, width)
+
+
+def test_building_on_meta_skips_the_embedding_init():
+    """On the meta device the loader overwrites every weight, so clip_text.embedding skips the
+    N(0, 1) init: nn.init on a meta tensor imports torch._dynamo (~1 s, most of a load's time;
+    bench/README.md, issue 3). Off meta the init is PyTorch's. Fresh process: nothing imported."""
+    import subprocess
+    code = ("import sys, torch, clip_text\n"
+            "with torch.device('meta'):\n"
+            "    clip_text.CLIPTextModel(clip_text.PRESETS['sd15'])\n"
+            "assert 'torch._dynamo' not in sys.modules, 'building on meta imported torch._dynamo'\n"
+            "torch.manual_seed(0)\n"
+            "w = clip_text.embedding(1000, 64).weight\n"
+            "assert abs(w.std().item() - 1) < 0.05 and abs(w.mean().item()) < 0.05, 'off meta: N(0, 1)'\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
