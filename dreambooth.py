@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 import sample
 
@@ -131,12 +132,13 @@ def image_problem(path):
 
 
 def ensure_class_images(pipeline, class_dir, class_prompt, num_images, *, seed=0, batch_size=4,
-                        rank=0, world_size=1, barrier=lambda: None, **sampler_args):
+                        rank=0, world_size=1, barrier=lambda: None, progress=True, **sampler_args):
     """Make class_dir hold num_images readable images of class_prompt and return their paths.
     Unreadable files (an interrupted write, a corrupt download) are replaced, not fatal.
     sampler_args go to sample.generate (steps, scheduler, guidance_scale, mixed_precision, ...).
     With several processes (rank of world_size; `barrier` waits for all of them), each
-    generates one contiguous share of the shortfall, and all return the full set."""
+    generates one contiguous share of the shortfall, and all return the full set. progress: a
+    bar of this process's images (done / total, time left)."""
     class_dir = Path(class_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -154,6 +156,7 @@ def ensure_class_images(pipeline, class_dir, class_prompt, num_images, *, seed=0
         print(f"generating {len(todo)} class images of {class_prompt!r} in {class_dir}", file=sys.stderr)
     share = -(-len(todo) // world_size)  # ceil
     todo = todo[rank * share:(rank + 1) * share]
+    bar = tqdm(total=len(todo), desc="class images", unit="image", disable=not (progress and todo))
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         # generate() seeds image k of a call with seed + k: one call per run of consecutive indices
@@ -167,6 +170,8 @@ def ensure_class_images(pipeline, class_dir, class_prompt, num_images, *, seed=0
                 tmp = class_dir / f".class-{i:05d}.png.tmp"
                 image.save(tmp, format="PNG")
                 tmp.replace(class_dir / f"class-{i:05d}.png")  # never a half-written image
+            bar.update(len(run))
+    bar.close()
     barrier()
     return sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:num_images]
 
@@ -175,11 +180,28 @@ def ensure_class_images(pipeline, class_dir, class_prompt, num_images, *, seed=0
 # 4. The data: the subject's photos and the class images, as tensors in [-1, 1].
 
 
+def to_8_bit(image):
+    """Grey images of 16-bit or 32-bit integers, or of floats, scaled to 8 bits as a viewer shows
+    them (PIL's own convert("RGB") clips them, so a 16-bit photo would turn white): 16-bit and
+    integers up to 65535 by 255/65535, larger integers by 255/(2^32 - 1), floats in [0, 1] by 255
+    (other floats are taken as 0-255)."""
+    if image.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+    else:
+        scale = 255.0 / (65535 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else 2**32 - 1)
+        values = values - min(0.0, values.min(initial=0))  # signed 32-bit: shift negatives up
+    return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8), mode="L")
+
+
 def open_rgb(path):
-    """An image the way a photo is meant to be seen: EXIF orientation applied; alpha, grey and
-    palette images made RGB, transparency on white."""
+    """An image the way a photo is meant to be seen: EXIF orientation applied; 16-bit, 32-bit
+    and float grey images scaled to 8 bits; alpha, grey and palette images made RGB,
+    transparency on white."""
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
+        image = to_8_bit(ImageOps.exif_transpose(image))
         if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             image = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -208,6 +230,8 @@ def list_images(folder, what="instance"):
     """The readable images of a folder. Unreadable ones are named with the reason and skipped;
     a folder with none to train on is an error."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileNotFoundError(f"{what} folder {folder} is a file: give the folder that holds the photos")
     if not folder.is_dir():
         raise FileNotFoundError(f"{what} folder {folder} does not exist")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

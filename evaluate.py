@@ -1,6 +1,6 @@
 """Evaluate a DreamBooth model with the paper's protocol (Ruiz et al., 2023, section 4.1).
 
-    python evaluate.py --model out/dog --instance_dir ../shared/dreambooth-dataset/dog
+    python evaluate.py --model out/dog --instance_dir dog/
     python evaluate.py --compare out/dog/evaluation.json out/dog-no-prior/evaluation.json
 
 For one subject, the fine-tuned model draws 4 images for each of the paper's 25 prompts (the
@@ -45,9 +45,10 @@ import torch
 import torch.nn.functional as F
 
 import dreambooth
+import lora
 import sample
 from clip_text import CLIPTokenizer
-from load_weights import LoadError, load_pipeline
+from load_weights import LoadError
 from vision import (CLIP_MODEL, DINO_MODEL, TINY_CLIP, TINY_DINO, CLIPTextModelWithProjection,
                     CLIPVisionModelWithProjection, ViTModel, load_clip, load_dino, preprocess, random_encoder)
 
@@ -183,6 +184,7 @@ def embed_images(model, images, batch_size=32):
 
 @torch.no_grad()
 def embed_texts(model, tokenizer, prompts):
+    sample.warn_truncated(tokenizer, prompts)
     device = next(model.parameters()).device
     return model(tokenizer(prompts).to(device)).float().cpu()
 
@@ -213,6 +215,7 @@ def score(encoders, real_images, subject_images, clip_prompts, num_images, class
 
 def generate_set(pipeline, prompts, num_images, **sampler_args):
     """num_images images per prompt, prompt-major, through the project's one sampler."""
+    sample.warn_truncated(pipeline.tokenizer, prompts)  # before the progress bars, once per prompt
     return sample.generate(pipeline, [p for p in prompts for _ in range(num_images)], **sampler_args)
 
 
@@ -281,27 +284,38 @@ def format_comparison(a, b, name_a="A", name_b="B"):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a DreamBooth model with the paper's metrics "
-                                            "(DINO, CLIP-I, CLIP-T, PRES, DIV substitute).")
-    p.add_argument("--model", help="a train.py output folder (holds dreambooth.json)")
-    p.add_argument("--instance_dir", help="the subject's real photos")
+                                            "(DINO, CLIP-I, CLIP-T, PRES, DIV substitute).",
+                                formatter_class=sample.DefaultsHelpFormatter)
+    p.add_argument("--model",
+                   help="a train.py output folder (holds dreambooth.json; a LoRA one too), or any model with "
+                        "--lora such a folder (default: none; needed unless --compare)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="repeatable: a LoRA merged into the model at strength SCALE, as in sample.py (default: none)")
+    p.add_argument("--lora_scale", type=float, default=1.0,
+                   help="strength of the LoRA of a LoRA output folder given as --model")
+    p.add_argument("--instance_dir", help="the subject's real photos (default: none; needed unless --compare)")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
-                   help="print two evaluation JSONs side by side (no generation)")
+                   help="print two evaluation JSONs side by side (no generation) (default: none)")
     p.add_argument("--out", help="JSON path (default: MODEL/evaluation.json)")
-    p.add_argument("--images_dir", help="also save the generated images (PNG with metadata) here")
+    p.add_argument("--images_dir", help="also save the generated images (PNG with metadata) here (default: not saved)")
     g = p.add_argument_group("prompts and sampling")
     g.add_argument("--prompt_type", choices=["auto", "object", "live"], default="auto",
                    help="auto: live-subject prompts for cats and dogs, object prompts otherwise")
     g.add_argument("--max_prompts", type=int, default=25, help="use the first N of the 25 prompts (quick runs)")
     g.add_argument("--num_images", type=int, default=4, help="images per prompt (the paper: 4)")
     g.add_argument("--no_pres", action="store_true", help="skip the class-prompt images (and PRES): half the time")
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--scheduler", choices=sorted(sample.SCHEDULERS), default="ddim")
-    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--steps", type=int, default=50, help="denoising steps")
+    g.add_argument("--scheduler", choices=sorted(sample.SCHEDULERS), default="ddim", help="the sampler (see sample.py)")
+    g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"],
+                   help="what the UNet predicts (default: what the model says; an SD 2.x single file, which does "
+                        "not say, is judged by its name)")
+    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance weight")
     g.add_argument("--seed", type=int, default=0, help="image i of a set uses seed + i")
-    g.add_argument("--batch_size", type=int, default=4)
+    g.add_argument("--batch_size", type=int, default=4, help="images per UNet batch (the images do not depend on it)")
     g.add_argument("--mixed_precision", choices=sample.MIXED_PRECISION, default="auto",
                    help="for generation; the encoders always run in fp32")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to run (default: cuda if this PyTorch sees a GPU, else cpu)")
     g = p.add_argument_group("encoders")
     g.add_argument("--dino", default=DINO_MODEL, help="Hub id or folder of a DINO ViT")
     g.add_argument("--clip", default=CLIP_MODEL, help="Hub id or folder of a CLIP model (with its tokenizer)")
@@ -325,7 +339,7 @@ def read_result(parser, path):
 def read_dreambooth_json(parser, model):
     path = Path(model) / "dreambooth.json"
     if not path.is_file():
-        parser.error(f"{path} is missing: --model must be an output folder of train.py")
+        parser.error(f"{path} is missing: --model must be an output folder of train.py (or --lora one)")
     try:
         info = json.loads(path.read_text())
         return info["identifier"], info["class_noun"]
@@ -336,6 +350,7 @@ def read_dreambooth_json(parser, model):
 def check_args(parser, args):
     if not args.model or not args.instance_dir:
         parser.error("--model and --instance_dir are required (or --compare A.json B.json)")
+    args.lora = [lora.parse_lora_spec(spec) for spec in args.lora]  # [(path, scale)]
     if not 1 <= args.max_prompts <= 25:
         parser.error(f"--max_prompts must be between 1 and 25, got {args.max_prompts}")
     for name in ("num_images", "steps", "batch_size"):
@@ -343,6 +358,18 @@ def check_args(parser, args):
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this PyTorch sees no CUDA GPU; use --device cpu")
+    if args.guidance_scale < 0:
+        parser.error(f"--guidance_scale must be at least 0 (1: no guidance), got {args.guidance_scale}")
+    try:  # outputs probed before the work, so that no score is computed only to be lost
+        sample.check_writable_folder("--out", output_path(args).parent)
+        if args.images_dir:
+            sample.check_writable_folder("--images_dir", args.images_dir)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def output_path(args):
+    return Path(args.out) if args.out else Path(args.model) / "evaluation.json"
 
 
 def main(argv=None):
@@ -354,7 +381,7 @@ def main(argv=None):
         print(format_comparison(a, b))
         return 0
     check_args(parser, args)
-    identifier, class_noun = read_dreambooth_json(parser, args.model)
+    identifier, class_noun = read_dreambooth_json(parser, sample.subject_folder(args.model, [p for p, _ in args.lora]))
     try:
         real_paths = dreambooth.list_images(args.instance_dir)
         real_images = [dreambooth.open_rgb(p) for p in real_paths]
@@ -366,7 +393,8 @@ def main(argv=None):
 
     try:  # the encoders first, so that a missing download fails in seconds
         encoders = None if args.random_encoders else load_encoders(args.dino, args.clip, device=args.device)
-        pipeline = load_pipeline(args.model, device=args.device)
+        pipeline = sample.load_model(args.model, loras=args.lora, lora_scale=args.lora_scale, device=args.device,
+                                     prediction_type=args.prediction_type)
         encoders = encoders or load_encoders(random_encoders=True, tokenizer=pipeline.tokenizer, device=args.device)
     except (LoadError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
@@ -397,8 +425,7 @@ def main(argv=None):
                            "scheduler": args.scheduler, "guidance_scale": args.guidance_scale, "seed": args.seed,
                            "mixed_precision": args.mixed_precision},
               "per_prompt": [{"subject_prompt": s, **row} for s, row in zip(subject_prompts, rows)]}
-    out = Path(args.out) if args.out else Path(args.model) / "evaluation.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = output_path(args)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(out)

@@ -1,9 +1,14 @@
-"""The text-conditioned UNet of Stable Diffusion 1.x and 2.x: the denoiser eps_theta(z_t, t, c).
+"""The text-conditioned UNet of Stable Diffusion 1.x, 2.x and XL: the denoiser eps_theta(z_t, t, c).
 
 It maps noisy VAE latents z_t [B, 4, h, w], the timestep t and the text-encoder output c
 [B, 77, D] to the predicted noise (or v) [B, 4, h, w]. Architecture of the latent diffusion
 paper (Rombach et al., 2022, section 3.3): a ResNet UNet whose blocks are interleaved with
 transformers that cross-attend to the text.
+
+SDXL (Podell et al., 2023, section 2.1) is the same network with three levels instead of four,
+no attention at the highest resolution, deeper transformers lower down (2 and 10 blocks per
+transformer), and one more conditioning added to the time embedding: the pooled text
+embedding and six image-size numbers (`added_cond`, section 2.2).
 
 Parameter names are exactly those of diffusers' UNet2DConditionModel, so a Hub
 unet/diffusion_pytorch_model.safetensors loads with load_state_dict(strict=True).
@@ -18,43 +23,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
-UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-
-# Hub config keys for features this UNet does not implement (SDXL, class conditioning, ...),
-# with the values we accept (the ones that mean "feature off").
-_FEATURE_OFF = {
-    "class_embed_type": (None,), "addition_embed_type": (None,), "num_class_embeds": (None,),
-    "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,), "time_cond_proj_dim": (None,),
-    "transformer_layers_per_block": (1,), "mid_block_type": ("UNetMidBlock2DCrossAttn",),
-    "num_attention_heads": (None,), "time_embedding_type": ("positional",),
-    "time_embedding_dim": (None,), "time_embedding_act_fn": (None,), "timestep_post_act": (None,),
-    "conv_in_kernel": (3,), "conv_out_kernel": (3,), "attention_type": ("default",),
-    "class_embeddings_concat": (False,), "cross_attention_norm": (None,),
-    "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1.0,), "dropout": (0.0,),
-    "mid_block_only_cross_attention": (None, False),
-    "reverse_transformer_layers_per_block": (None,),
-    # Fields of UNetConfig that exist only to be checked: one value is supported.
-    "act_fn": ("silu",), "downsample_padding": (1,), "mid_block_scale_factor": (1,),
-    "center_input_sample": (False,), "only_cross_attention": (False,),
-    "dual_cross_attention": (False,), "resnet_time_scale_shift": ("default",),
-}
-
-
-def _check_feature_off(key, value):
-    if isinstance(value, (list, tuple)) and value and all(v == value[0] for v in value):
-        value = value[0]  # e.g. transformer_layers_per_block [1, 1, 1, 1] means 1
-    if key in _FEATURE_OFF and value not in _FEATURE_OFF[key]:
-        raise ValueError(f"UNet config: {key}={value!r} is not supported "
-                         f"(supported: {' or '.join(map(repr, _FEATURE_OFF[key]))})")
-
 
 @dataclass
 class UNetConfig:
-    """Keys of the Hub unet/config.json; defaults are diffusers' when a key is absent."""
+    """The UNet's shape, under the keys of a Hub unet/config.json (defaults: diffusers'). Hub
+    configs are checked by load_weights.unet_config, which refuses features this UNet lacks."""
     in_channels: int = 4
     out_channels: int = 4
     block_out_channels: tuple = (320, 640, 1280, 1280)
+    # one per entry of block_out_channels; "CrossAttn..." blocks add the text transformers
     down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
     up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
     layers_per_block: int = 2
@@ -62,6 +39,9 @@ class UNetConfig:
     # old naming mistake kept for compatibility): an int for every block or one per block.
     # The head size is channels // num_heads.
     attention_head_dim: Union[int, tuple] = 8
+    # transformer blocks stacked in each SpatialTransformer: an int for every block or one per
+    # block (SDXL: (1, 2, 10); its first level has no attention, so the 1 is unused)
+    transformer_layers_per_block: Union[int, tuple] = 1
     cross_attention_dim: int = 1280          # width of the text context
     use_linear_projection: bool = False      # proj_in/proj_out: Linear (SD2) or 1x1 conv (SD1)
     upcast_attention: bool = False           # compute attention in fp32 (needed by SD2.1-768)
@@ -70,48 +50,27 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     sample_size: Optional[int] = None        # latent size the model was trained at
-    act_fn: str = "silu"
-    downsample_padding: int = 1
-    mid_block_scale_factor: float = 1
-    center_input_sample: bool = False
-    only_cross_attention: bool = False
-    dual_cross_attention: bool = False
-    resnet_time_scale_shift: str = "default"
-
-    def __post_init__(self):
-        for key in ("act_fn", "downsample_padding", "mid_block_scale_factor",
-                    "center_input_sample", "only_cross_attention", "dual_cross_attention",
-                    "resnet_time_scale_shift"):
-            _check_feature_off(key, getattr(self, key))
-        n = len(self.block_out_channels)
-        for key, allowed in (("down_block_types", DOWN_BLOCK_TYPES),
-                             ("up_block_types", UP_BLOCK_TYPES)):
-            types = getattr(self, key)
-            if len(types) != n or any(t not in allowed for t in types):
-                raise ValueError(f"UNet config: {key}={types!r} is not supported (supported: "
-                                 f"one per entry of block_out_channels, each one of "
-                                 f"{', '.join(allowed)})")
-        for key in ("layers_per_block", "cross_attention_dim", "norm_num_groups"):
-            if not isinstance(getattr(self, key), int):
-                raise ValueError(f"UNet config: {key}={getattr(self, key)!r} is not supported "
-                                 "(supported: a single int)")
-        heads = self.num_heads_per_block
-        if len(heads) != n or any(c % h for c, h in zip(self.block_out_channels, heads)):
-            raise ValueError(f"UNet config: attention_head_dim={self.attention_head_dim!r} must be "
-                             f"a head count (or one per block) dividing block_out_channels")
+    # SDXL's added conditioning: "text_time" embeds the pooled text embedding and the six size
+    # numbers (added_cond in UNet.forward); None (SD 1.x/2.x): no added conditioning.
+    addition_embed_type: Optional[str] = None
+    addition_time_embed_dim: Optional[int] = None  # sinusoid width of each size number (256)
+    projection_class_embeddings_input_dim: Optional[int] = None  # pooled width + 6 x that (2816)
 
     @property
     def num_heads_per_block(self):
         heads = self.attention_head_dim
         return (heads,) * len(self.block_out_channels) if isinstance(heads, int) else tuple(heads)
 
+    @property
+    def transformer_depth_per_block(self):
+        depth = self.transformer_layers_per_block
+        return (depth,) * len(self.block_out_channels) if isinstance(depth, int) else tuple(depth)
+
     @classmethod
     def from_dict(cls, d):
-        for key, value in d.items():
-            _check_feature_off(key, value)
+        """The fields among the keys of `d` (lists as tuples); other keys are ignored."""
         known = {f.name for f in fields(cls)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
-        return cls(**kwargs)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
     @classmethod
     def from_json(cls, path):
@@ -125,22 +84,32 @@ PRESETS = {
                             use_linear_projection=True, sample_size=64, upcast_attention=False),
     "sd21": UNetConfig(attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
                        use_linear_projection=True, sample_size=96, upcast_attention=True),
+    "sdxl-base": UNetConfig(
+        block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,  # 768 + 1280: both encoders
+        use_linear_projection=True, upcast_attention=None,  # the Hub config's null: off
+        addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816, sample_size=128),
 }
 
 
-def timestep_embedding(timesteps, dim, flip_sin_to_cos, freq_shift, max_period=10000):
-    """Sinusoidal embedding of the timesteps [B] -> [B, dim] in fp32 (Transformer positional
-    encoding, as in DDPM): frequencies max_period^(-i / (dim/2 - freq_shift))."""
-    half = dim // 2
-    i = torch.arange(half, dtype=torch.float32, device=timesteps.device)
+def sinusoidal_embedding(timesteps, dim, flip_sin_to_cos, freq_shift, max_period=10000):
+    """The Transformer's sinusoidal position encoding of the timesteps, as in DDPM: [B] ->
+    [B, dim] in fp32, frequencies max_period^(-i / (dim/2 - freq_shift))."""
+    num_freqs = dim // 2
+    i = torch.arange(num_freqs, dtype=torch.float32, device=timesteps.device)
     exponent = -math.log(max_period) * i
-    angles = timesteps[:, None].float() * torch.exp(exponent / (half - freq_shift))[None, :]
+    angles = timesteps[:, None].float() * torch.exp(exponent / (num_freqs - freq_shift))[None, :]
     sin, cos = torch.sin(angles), torch.cos(angles)
     emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
     return F.pad(emb, (0, dim % 2))
 
 
 class TimestepEmbedding(nn.Module):
+    """The MLP that turns the sinusoidal encoding into the time embedding the resnets add."""
+
     def __init__(self, in_dim, dim):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, dim)
@@ -158,18 +127,18 @@ def _maybe_checkpoint(module, *args, enabled):
 class ResnetBlock(nn.Module):
     """Two 3x3 convs with GroupNorm+SiLU, the time embedding added in between, and a skip."""
 
-    def __init__(self, in_ch, out_ch, temb_dim, groups, eps):
+    def __init__(self, in_ch, out_ch, time_emb_dim, groups, eps):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_dim, out_ch)
+        self.time_emb_proj = nn.Linear(time_emb_dim, out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
-    def forward(self, x, temb):
+    def forward(self, x, time_emb):
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        h = h + self.time_emb_proj(F.silu(time_emb))[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
         h = self.conv2(F.silu(self.norm2(h)))  # (dropout 0 omitted)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
@@ -246,17 +215,18 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """diffusers' Transformer2DModel: run a transformer over the pixels of a feature map."""
 
-    def __init__(self, channels, num_heads, cfg: UNetConfig):
+    def __init__(self, channels, num_heads, depth, cfg: UNetConfig):
         super().__init__()
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=1e-6)
         proj = nn.Linear if self.linear else (lambda i, o: nn.Conv2d(i, o, 1))
         self.proj_in = proj(channels, channels)
-        self.transformer_blocks = nn.ModuleList(
-            [TransformerBlock(channels, num_heads, cfg.cross_attention_dim, cfg.upcast_attention)])
+        self.transformer_blocks = nn.ModuleList(  # `depth` blocks: 1 in SD 1.x/2.x, up to 10 in SDXL
+            [TransformerBlock(channels, num_heads, cfg.cross_attention_dim, cfg.upcast_attention)
+             for _ in range(depth)])
         self.proj_out = proj(channels, channels)
 
-    def forward(self, x, context, ckpt=False):
+    def forward(self, x, context, gradient_checkpointing=False):
         _, _, H, W = x.shape
         h = self.norm(x)
         h = h if self.linear else self.proj_in(h)
@@ -268,13 +238,13 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             # with gradient checkpointing only the block is recomputed: that is where the
             # activations are; the norm and projections around it are cheap to keep
-            h = _maybe_checkpoint(block, h, context, enabled=ckpt)
+            h = _maybe_checkpoint(block, h, context, enabled=gradient_checkpointing)
         h = self.proj_out(h) if self.linear else h
         # (B, HW, C) -> (B, C, H, W), made contiguous: the transposed view has channels-last
         # strides, and a convolution given one runs (and differentiates) in channels-last, whose
         # bf16 weight gradient oneDNN computes several times slower on CPU; the layout would then
         # spread to the following blocks through the residual add. This halved the UNet's
-        # convolution-backward time (bench/README.md, issue 6).
+        # convolution-backward time when it was profiled (bench/README.md).
         h = h.transpose(1, 2).unflatten(2, (H, W)).contiguous()
         h = h if self.linear else self.proj_out(h)
         return x + h
@@ -302,22 +272,22 @@ class DownBlock(nn.Module):
     """`layers_per_block` x (resnet [+ transformer]), then an optional stride-2 downsample.
     Every intermediate output is kept as a skip connection for the up path."""
 
-    def __init__(self, in_ch, out_ch, num_heads, has_attention, add_downsample, cfg, temb_dim):
+    def __init__(self, in_ch, out_ch, num_heads, depth, has_attention, add_downsample, cfg, time_emb_dim):
         super().__init__()
         n, g, eps = cfg.layers_per_block, cfg.norm_num_groups, cfg.norm_eps
         self.resnets = nn.ModuleList(
-            [ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb_dim, g, eps) for i in range(n)])
+            [ResnetBlock(in_ch if i == 0 else out_ch, out_ch, time_emb_dim, g, eps) for i in range(n)])
         self.attentions = nn.ModuleList(
-            [SpatialTransformer(out_ch, num_heads, cfg) for _ in range(n)]
+            [SpatialTransformer(out_ch, num_heads, depth, cfg) for _ in range(n)]
             if has_attention else [])
         self.downsamplers = nn.ModuleList([Downsample(out_ch)] if add_downsample else [])
 
-    def forward(self, x, temb, context, ckpt):
+    def forward(self, x, time_emb, context, gradient_checkpointing):
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = _maybe_checkpoint(resnet, x, temb, enabled=ckpt)
+            x = _maybe_checkpoint(resnet, x, time_emb, enabled=gradient_checkpointing)
             if self.attentions:
-                x = self.attentions[i](x, context, ckpt)
+                x = self.attentions[i](x, context, gradient_checkpointing)
             skips.append(x)
         for down in self.downsamplers:
             x = down(x)
@@ -328,40 +298,40 @@ class DownBlock(nn.Module):
 class MidBlock(nn.Module):
     """resnet -> transformer -> resnet at the lowest resolution."""
 
-    def __init__(self, channels, num_heads, cfg, temb_dim):
+    def __init__(self, channels, num_heads, depth, cfg, time_emb_dim):
         super().__init__()
         g, eps = cfg.norm_num_groups, cfg.norm_eps
         self.resnets = nn.ModuleList(
-            [ResnetBlock(channels, channels, temb_dim, g, eps) for _ in range(2)])
-        self.attentions = nn.ModuleList([SpatialTransformer(channels, num_heads, cfg)])
+            [ResnetBlock(channels, channels, time_emb_dim, g, eps) for _ in range(2)])
+        self.attentions = nn.ModuleList([SpatialTransformer(channels, num_heads, depth, cfg)])
 
-    def forward(self, x, temb, context, ckpt):
-        x = _maybe_checkpoint(self.resnets[0], x, temb, enabled=ckpt)
-        x = self.attentions[0](x, context, ckpt)
-        return _maybe_checkpoint(self.resnets[1], x, temb, enabled=ckpt)
+    def forward(self, x, time_emb, context, gradient_checkpointing):
+        x = _maybe_checkpoint(self.resnets[0], x, time_emb, enabled=gradient_checkpointing)
+        x = self.attentions[0](x, context, gradient_checkpointing)
+        return _maybe_checkpoint(self.resnets[1], x, time_emb, enabled=gradient_checkpointing)
 
 
 class UpBlock(nn.Module):
     """(layers_per_block + 1) x (concat a skip, resnet [+ transformer]), then optional upsample."""
 
-    def __init__(self, in_ch, skip_channels, out_ch, num_heads, has_attention, add_upsample, cfg,
-                 temb_dim):
+    def __init__(self, in_ch, skip_channels, out_ch, num_heads, depth, has_attention, add_upsample,
+                 cfg, time_emb_dim):
         super().__init__()
         g, eps = cfg.norm_num_groups, cfg.norm_eps
         self.resnets = nn.ModuleList(
-            [ResnetBlock((in_ch if i == 0 else out_ch) + skip, out_ch, temb_dim, g, eps)
+            [ResnetBlock((in_ch if i == 0 else out_ch) + skip, out_ch, time_emb_dim, g, eps)
              for i, skip in enumerate(skip_channels)])
         self.attentions = nn.ModuleList(
-            [SpatialTransformer(out_ch, num_heads, cfg) for _ in skip_channels]
+            [SpatialTransformer(out_ch, num_heads, depth, cfg) for _ in skip_channels]
             if has_attention else [])
         self.upsamplers = nn.ModuleList([Upsample(out_ch)] if add_upsample else [])
 
-    def forward(self, x, skips, temb, context, ckpt):
+    def forward(self, x, skips, time_emb, context, gradient_checkpointing):
         for i, resnet in enumerate(self.resnets):
             x = torch.cat([x, skips.pop()], dim=1)  # (B, C, H, W) + (B, C_skip, H, W) on channels
-            x = _maybe_checkpoint(resnet, x, temb, enabled=ckpt)
+            x = _maybe_checkpoint(resnet, x, time_emb, enabled=gradient_checkpointing)
             if self.attentions:
-                x = self.attentions[i](x, context, ckpt)
+                x = self.attentions[i](x, context, gradient_checkpointing)
         for up in self.upsamplers:
             x = up(x)
         return x
@@ -371,12 +341,16 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config
-        chans, heads = cfg.block_out_channels, cfg.num_heads_per_block
-        temb_dim = 4 * chans[0]
+        chans, heads, depths = cfg.block_out_channels, cfg.num_heads_per_block, cfg.transformer_depth_per_block
+        time_emb_dim = 4 * chans[0]
         self.gradient_checkpointing = False
 
         self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(chans[0], temb_dim)
+        self.time_embedding = TimestepEmbedding(chans[0], time_emb_dim)
+        # SDXL: an MLP from [pooled text embedding, sinusoids of the six size numbers] to the time
+        # embedding's width (added_embedding). diffusers' add_time_proj, the sinusoids, has no weights.
+        self.add_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim, time_emb_dim)
+                              if cfg.addition_embed_type == "text_time" else None)
 
         # Down path; skip_channels records the channels of every skip connection it produces.
         skip_channels = [chans[0]]
@@ -384,21 +358,21 @@ class UNet(nn.Module):
         for i, block_type in enumerate(cfg.down_block_types):
             in_ch, is_last = chans[max(i - 1, 0)], i == len(chans) - 1
             has_attention = block_type == "CrossAttnDownBlock2D"
-            self.down_blocks.append(
-                DownBlock(in_ch, chans[i], heads[i], has_attention, not is_last, cfg, temb_dim))
+            self.down_blocks.append(DownBlock(in_ch, chans[i], heads[i], depths[i], has_attention,
+                                              not is_last, cfg, time_emb_dim))
             skip_channels += [chans[i]] * (cfg.layers_per_block + (not is_last))
 
-        self.mid_block = MidBlock(chans[-1], heads[-1], cfg, temb_dim)
+        self.mid_block = MidBlock(chans[-1], heads[-1], depths[-1], cfg, time_emb_dim)
 
         # Up path mirrors the down path, consuming the skips last-in first-out.
         self.up_blocks = nn.ModuleList()
-        rev_chans, rev_heads = chans[::-1], heads[::-1]
+        rev_chans, rev_heads, rev_depths = chans[::-1], heads[::-1], depths[::-1]
         for i, block_type in enumerate(cfg.up_block_types):
             skips = [skip_channels.pop() for _ in range(cfg.layers_per_block + 1)]
             in_ch, is_last = rev_chans[max(i - 1, 0)], i == len(chans) - 1
             has_attention = block_type == "CrossAttnUpBlock2D"
-            self.up_blocks.append(UpBlock(in_ch, skips, rev_chans[i], rev_heads[i], has_attention,
-                                          not is_last, cfg, temb_dim))
+            self.up_blocks.append(UpBlock(in_ch, skips, rev_chans[i], rev_heads[i], rev_depths[i],
+                                          has_attention, not is_last, cfg, time_emb_dim))
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chans[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
@@ -407,24 +381,45 @@ class UNet(nn.Module):
         """Trade compute for memory in training: recompute each resnet and transformer block in backward."""
         self.gradient_checkpointing = True
 
-    def forward(self, latents, timesteps, context):
+    def added_embedding(self, added_cond, dtype):
+        """SDXL's added conditioning (Podell et al., 2023, sections 2.1-2.2), [B, 4 * C0]: each of
+        the six size numbers in added_cond["time_ids"] [B, 6] (original height and width, crop top
+        and left, target height and width, in pixels) is encoded with the timestep's sinusoids,
+        addition_time_embed_dim channels each; they follow the pooled text embedding
+        added_cond["text_embeds"] [B, D], and the MLP add_embedding maps the whole to the time
+        embedding's width."""
+        if added_cond is None or not {"text_embeds", "time_ids"} <= added_cond.keys():
+            raise ValueError("this UNet (addition_embed_type 'text_time', SDXL) needs "
+                             "added_cond={'text_embeds': [B, D], 'time_ids': [B, 6]}")
+        cfg, text_embeds, time_ids = self.config, added_cond["text_embeds"], added_cond["time_ids"]
+        # (B, 6) -> (B * 6, C) -> (B, 6 * C): one sinusoid encoding per number, side by side
+        ids_sinusoid = sinusoidal_embedding(time_ids.flatten(), cfg.addition_time_embed_dim,
+                                            cfg.flip_sin_to_cos, cfg.freq_shift).reshape(len(text_embeds), -1)
+        return self.add_embedding(torch.cat([text_embeds.to(dtype), ids_sinusoid.to(dtype)], dim=-1))
+
+    def forward(self, latents, timesteps, context, added_cond=None):
         """latents [B, C_in, h, w], timesteps [B] or a scalar, context [B, L, D] (the text
         encoder's output) -> [B, C_out, h, w]. h and w must be multiples of 2^(number of
-        downsamples): 8 for SD."""
+        downsamples): 8 for SD 1.x/2.x, 4 for SDXL. added_cond: SDXL's pooled text embedding and
+        size numbers, {"text_embeds": [B, D], "time_ids": [B, 6]} (see added_embedding); only
+        for a UNet with addition_embed_type "text_time", which needs it."""
         B = latents.shape[0]
         timesteps = torch.as_tensor(timesteps, device=latents.device)
         timesteps = timesteps.reshape(-1).expand(B) if timesteps.ndim == 0 else timesteps
-        t_emb = timestep_embedding(timesteps, self.config.block_out_channels[0],
-                                   self.config.flip_sin_to_cos, self.config.freq_shift)
-        temb = self.time_embedding(t_emb.to(latents.dtype))
-        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        # sinusoidal encoding [B, C0] -> MLP -> the time embedding [B, 4 * C0] every resnet adds
+        t_sinusoid = sinusoidal_embedding(timesteps, self.config.block_out_channels[0],
+                                          self.config.flip_sin_to_cos, self.config.freq_shift)
+        time_emb = self.time_embedding(t_sinusoid.to(latents.dtype))
+        if self.add_embedding is not None:
+            time_emb = time_emb + self.added_embedding(added_cond, time_emb.dtype)
+        gradient_checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
         x = self.conv_in(latents)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, temb, context, ckpt)
+            x, block_skips = block(x, time_emb, context, gradient_checkpointing)
             skips += block_skips
-        x = self.mid_block(x, temb, context, ckpt)
+        x = self.mid_block(x, time_emb, context, gradient_checkpointing)
         for block in self.up_blocks:
-            x = block(x, skips, temb, context, ckpt)  # pops the skips it uses
+            x = block(x, skips, time_emb, context, gradient_checkpointing)  # pops the skips it uses
         return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -23,59 +23,33 @@ import torch.nn.functional as F
 
 @dataclass
 class VAEConfig:
-    # Field names are the keys of a Hub vae/config.json; defaults are diffusers' AutoencoderKL's.
+    """The autoencoder's shape, under the keys of a Hub vae/config.json (defaults: diffusers'
+    AutoencoderKL's). Hub configs are checked by load_weights.vae_config, which refuses
+    features this VAE lacks (SD3/Flux latent shifts, other block types)."""
     in_channels: int = 3
     out_channels: int = 3
-    down_block_types: tuple = ("DownEncoderBlock2D",)
-    up_block_types: tuple = ("UpDecoderBlock2D",)
-    block_out_channels: tuple = (64,)
+    block_out_channels: tuple = (64,)  # one entry per resolution level, widest last
     layers_per_block: int = 1
-    act_fn: str = "silu"
     latent_channels: int = 4
     norm_num_groups: int = 32
-    sample_size: int | tuple = 32  # only used by diffusers' tiled decoding; kept for round-trips
-    scaling_factor: float = 0.18215
-    shift_factor: float | None = None  # SD3 / Flux VAEs: z = (z - shift) * scale. Unsupported.
-    latents_mean: tuple | None = None  # per-channel latent statistics of other VAEs. Unsupported.
-    latents_std: tuple | None = None
-    force_upcast: bool = True  # a pipeline hint (run the VAE in fp32); ignored here
+    scaling_factor: float = 0.18215  # used by the callers, see the module docstring
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
-
-    def __post_init__(self):
-        def unsupported(key, value, supported):
-            raise ValueError(f"VAE config {key}={value!r} is not supported (supported: {supported})")
-
-        for key in ("down_block_types", "up_block_types", "block_out_channels"):
-            setattr(self, key, tuple(getattr(self, key)))
-        if isinstance(self.sample_size, list):
-            self.sample_size = tuple(self.sample_size)
-        for t in self.down_block_types:
-            if t != "DownEncoderBlock2D":
-                unsupported("down_block_types", t, "'DownEncoderBlock2D' only")
-        for t in self.up_block_types:
-            if t != "UpDecoderBlock2D":
-                unsupported("up_block_types", t, "'UpDecoderBlock2D' only")
-        n = len(self.block_out_channels)
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(f"VAE config: down_block_types ({len(self.down_block_types)}), up_block_types "
-                             f"({len(self.up_block_types)}) and block_out_channels ({n}) must have equal lengths")
-        if self.act_fn != "silu":
-            unsupported("act_fn", self.act_fn, "'silu'")
-        if self.shift_factor not in (None, 0, 0.0):
-            unsupported("shift_factor", self.shift_factor, "None or 0; SD3/Flux VAEs are not implemented")
-        if self.latents_mean is not None or self.latents_std is not None:
-            unsupported("latents_mean/latents_std", (self.latents_mean, self.latents_std), "None")
-        for c in self.block_out_channels:
-            if c % self.norm_num_groups:
-                raise ValueError(f"VAE config: norm_num_groups={self.norm_num_groups} must divide every "
-                                 f"block_out_channels entry, got {c}")
+    # whether the VAE must run in fp32 when the rest runs in fp16 (diffusers' default: True). Not
+    # read by the model: for the callers that choose its precision. SDXL's VAE overflows in fp16.
+    force_upcast: bool = True
+    # diffusers' description of the levels and the image size, not read by the model: written
+    # back to config.json so that diffusers rebuilds the same layout
+    down_block_types: tuple = ("DownEncoderBlock2D",)
+    up_block_types: tuple = ("UpDecoderBlock2D",)
+    sample_size: int | tuple = 32
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
+        """The fields among the keys of `d` (lists as tuples); other keys are ignored."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known and not k.startswith("_")})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
     @classmethod
     def from_json(cls, path) -> "VAEConfig":

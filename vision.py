@@ -39,9 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from clip_text import (ACTIVATIONS, CLIPAttention, CLIPEncoderLayer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
-                       embedding)
-from load_weights import TOKENIZER_FILES, LoadError, build_module, compact, hub_snapshot, read_state_dict
+from clip_text import ACTIVATIONS, CLIPEncoderLayer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, embedding
+from load_weights import (TOKENIZER_FILES, LoadError, build_module, compact, hub_snapshot, read_state_dict,
+                          text_encoder_config)
 
 DINO_MODEL = "facebook/dino-vits16"
 CLIP_MODEL = "openai/clip-vit-base-patch32"
@@ -149,7 +149,7 @@ class CLIPConfig:
                              f"{CLIP_MODEL})")
         text = {**(d.get("text_config") or {}), **(d.get("text_config_dict") or {})}
         vision = {**(d.get("vision_config") or {}), **(d.get("vision_config_dict") or {})}
-        return cls(CLIPTextConfig.from_dict(text), CLIPVisionConfig.from_dict(vision),
+        return cls(text_encoder_config(text), CLIPVisionConfig.from_dict(vision),
                    d.get("projection_dim", 512))
 
     @classmethod

@@ -1,18 +1,22 @@
-"""Benchmark: one DreamBooth training step, our train.py vs diffusers' train_dreambooth.py (issue 6).
+"""Benchmark: one DreamBooth training step, our train.py vs diffusers' train_dreambooth.py.
 
-    python bench/bench_train_step.py                           # 3 rounds, then peak RSS per side
-    python bench/bench_train_step.py --gradient-checkpointing  # both sides checkpointing
-    python bench/bench_train_step.py --rss-steps 0             # timings only
+    python bench/bench_train_step.py --instance-image DATASET/dog/00.jpg --class-image DATASET/dog2/00.jpg
+
+DATASET is the DreamBooth dataset's folder. 3 rounds, then peak RSS per side; add
+--gradient-checkpointing for both sides checkpointing, --rss-steps 0 for timings only.
+--lora-rank R times `train.py --lora_rank R` against our full fine-tuning instead (both ours,
+the same other flags; the reference is not run).
 
 SD 1.5-size random weights (common.build_sd15_folder), 512 px, prior preservation with one
-instance and one class image (the paper's dog photos: shared/dreambooth-dataset/dog/00.jpg and
-dog2/00.jpg), bf16 autocast, AdamW lr 5e-6, clip_grad_norm_ 1.0, seed 0.
+instance image (--instance-image) and one class image (--class-image; the measured runs used the
+paper's dog photos, dog/00.jpg and dog2/00.jpg of the DreamBooth dataset), bf16 autocast, AdamW
+lr 5e-6, clip_grad_norm_ 1.0, seed 0.
 
-ours: what `python train.py --cache_latents --mixed_precision bf16` does per step, with
-  train.py's own pieces: latents cached once as dreambooth.LatentDistribution (a fresh latent
-  sample every step), the two prompts' contexts computed once, dreambooth.prior_preservation_loss
+ours: a step of `python train.py --cache_latents --mixed_precision bf16`, run by train.py's own
+  functions: latents cached once (train.TrainingData: a fresh latent sample every step), the two
+  prompts' contexts computed once, then train.train_step: dreambooth.prior_preservation_loss
   (one UNet forward/backward on the concatenated batch), clip_grad_norm_, the optimizer from
-  train.make_optimizer (fused AdamW), zero_grad(set_to_none=True), the LR schedule step.
+  train.make_optimizer (fused AdamW), zero_grad(set_to_none=True).
 reference: a step assembled from diffusers/transformers components as train_dreambooth.py's
   loop does it: VAE (bf16) encodes both images, latent_dist.sample() * scaling_factor; randn
   noise, randint timesteps, DDPMScheduler.add_noise; the slow CLIPTokenizer tokenizes and the
@@ -23,93 +27,75 @@ reference: a step assembled from diffusers/transformers components as train_drea
   them every step in the main process) are left out: the pixels are prepared once, which
   favours the reference.
 
+lora (with --lora-rank R): ours with --lora_rank R and the LoRA learning rate 1e-4 (as
+  README.md advises; the time does not depend on it): the same step, on train.py's own pipeline
+  with rank-R adapters on the attention projections (the default targets) and the frozen UNet
+  in bf16 (train.add_lora); the optimizer updates the adapters alone.
+
 Timing (one process): both UNets hold the same parameter objects and both optimizers the same
-state dict (train_common.load_unet_pair), so the process holds one copy of weights, gradients
-and AdamW state (~14 GB, not ~28). Every step really updates the shared weights. Gradients are
-set to None before each side's step, so each starts as its own first step would (the
-reference's zeroed gradients from the previous step are dropped). A warm-up round, then
---rounds rounds alternating the sides (order flipping every round); medians of wall and user
-CPU time. Peak memory: one fresh process per side (nothing shared) running --rss-steps steps,
-before the timing; VmHWM (peak resident set) from /proc/self/status.
-Re-runs itself with REFERENCE.md's malloc settings unless --malloc default.
+state dict (common.load_unet_pair), so the process holds one copy of weights, gradients and
+AdamW state (~14 GB, not ~28). Every step really updates the shared weights. Gradients are set
+to None before each side's step, so each starts as its own first step would (the reference's
+zeroed gradients from the previous step are dropped). A warm-up round, then --rounds rounds
+alternating the sides (order flipping every round); medians of wall and user CPU time. Peak
+memory: one fresh process per side (nothing shared) running --rss-steps steps, before the
+timing; VmHWM (peak resident set) from /proc/self/status. With --lora-rank the two sides load
+their own pipelines (the LoRA side's UNet is bf16 with adapters, so no weights can be shared):
+the timing process holds both, ~20 GB.
+Re-runs itself with the stable malloc settings unless --malloc default.
 """
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-import train_common  # noqa: E402
 
-DATASET = common.ROOT.parent / "shared" / "dreambooth-dataset"
-INSTANCE_IMAGE, CLASS_IMAGE = DATASET / "dog" / "00.jpg", DATASET / "dog2" / "00.jpg"
 INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of dog"
-SIDES = ("ours", "reference")
-LR, SEED, RESOLUTION = 5e-6, 0, 512
+SIDES, LORA_SIDES = ("ours", "reference"), ("lora", "ours")  # the ratio row is first / second
+LR, LORA_LR, SEED, RESOLUTION = 5e-6, 1e-4, 0, 512
 
 
-def build_ours(folder, checkpointing, unet=None):
-    """train.py's setup for --cache_latents --mixed_precision bf16 (on `unet` if given)."""
-    import torch
+def sides(args):
+    return LORA_SIDES if args.lora_rank else SIDES
 
-    import dreambooth
+
+def build_ours(folder, images, checkpointing, unet=None, lora_rank=0):
+    """train.py's own phases for --cache_latents --mixed_precision bf16 (on `unet` if given;
+    with --lora_rank `lora_rank` if not 0): TrainingData with cached posteriors of `images`
+    (instance image path, class image path), make_trainer, and per call one step of train.py's
+    loop (set_learning_rate, next_batch, train_step)."""
     import sample
     import train
-    from load_weights import load_pipeline
 
-    device = torch.device("cpu")
-    pipeline = load_pipeline(folder, device=device)
-    pipeline.unet = unet = unet or pipeline.unet
-    pipeline.vae.to(torch.bfloat16)
-    pipeline.text_encoder.to(torch.bfloat16)
-    autocast = lambda: sample.autocast(device, "bf16")  # noqa: E731
-    with torch.no_grad(), autocast():
-        contexts = [sample.encode_prompts(pipeline, [p]).float() for p in (INSTANCE_PROMPT, CLASS_PROMPT)]
-        posteriors = [dreambooth.LatentDistribution.encode(
-            pipeline.vae, dreambooth.load_image(path, RESOLUTION)[None].to(torch.bfloat16))
-            for path in (INSTANCE_IMAGE, CLASS_IMAGE)]
-    unet.train().requires_grad_(True)
-    unet.gradient_checkpointing = checkpointing
-    groups = [{"params": list(unet.parameters()), "lr": LR}]
-    args = SimpleNamespace(optimizer_state="fp32", adam_weight_decay=1e-2, adam_epsilon=1e-8, seed=SEED)
-    optimizer = train.make_optimizer(groups, args, device)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)  # bf16 needs no loss scaling
-    generator = torch.Generator().manual_seed(SEED)
-    scaling_factor = pipeline.vae.config.scaling_factor
-    num_timesteps = pipeline.scheduler.config.num_train_timesteps
+    instance_image, class_image = images
+    argv = ["--model", str(folder), "--instance_dir", str(Path(instance_image).parent), "--class_noun", "dog",
+            "--identifier", "sks", "--resolution", str(RESOLUTION), "--cache_latents", "--mixed_precision", "bf16",
+            "--lr", str(LORA_LR if lora_rank else LR), "--seed", str(SEED), "--device", "cpu"]
+    argv += ["--lora_rank", str(lora_rank)] if lora_rank else []
+    args = train.parse_args(train.build_parser(), argv + (["--gradient_checkpointing"] if checkpointing else []))
+    train.check_args(args)
+    env = train.Distributed(args.device)
+    autocast = lambda: sample.autocast(env.device, args.mixed_precision)  # noqa: E731
+    pipeline = train.load_for_training(args, env.device)
+    if unet is not None:
+        pipeline.unet = unet
+    prompts = train.Prompts("sks", INSTANCE_PROMPT, CLASS_PROMPT)
+    contexts = train.encode_contexts(pipeline, prompts, autocast)
+    data = train.TrainingData(pipeline, [instance_image], [class_image], args, env, autocast)
+    trainer = train.make_trainer(pipeline, prompts, contexts, args, env, autocast)
+    steps = iter(range(10**9))
 
     def step():
-        """The body of train.py's loop for batch 1 + 1, grad_accum 1, one process."""
-        shape = posteriors[0].mean.shape[1:]
-        latent_noise = torch.randn((2, 1, *shape), generator=generator)
-        noise = torch.randn((2, 1, *shape), generator=generator)
-        timesteps = torch.randint(0, num_timesteps, (2, 1), generator=generator)
-        instance_latents = posteriors[0].sample(latent_noise[0], scaling_factor).float()
-        class_latents = posteriors[1].sample(latent_noise[1], scaling_factor).float()
-        with autocast():
-            loss, instance_loss, prior_loss = dreambooth.prior_preservation_loss(
-                unet, pipeline.scheduler, instance_latents, contexts[0], class_latents, contexts[1], 1.0,
-                noise=noise.flatten(0, 1), timesteps=timesteps.flatten())
-        scaler.scale(loss).backward()
-        totals = torch.stack([loss.detach().float(), instance_loss.float(), prior_loss.float()])
-        if bool(torch.isfinite(totals).all()):
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(groups[0]["params"], 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        lr_schedule.step()
-        return totals[0].item()
-    return step, optimizer
+        train.set_learning_rate(trainer, next(steps), args.warmup_steps)
+        return train.train_step(trainer, [data.next_batch()]).losses[0].item()
+    return step, trainer.optimizer
 
 
-def build_reference(folder, unet, checkpointing):
-    """train_dreambooth.py's setup (--with_prior_preservation --mixed_precision bf16), on `unet`."""
+def build_reference(folder, images, unet, checkpointing):
+    """train_dreambooth.py's setup (--with_prior_preservation --mixed_precision bf16), on `unet`,
+    training on `images` (instance image path, class image path)."""
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler
@@ -130,7 +116,7 @@ def build_reference(folder, unet, checkpointing):
     optimizer = torch.optim.AdamW(unet.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # "constant"
     # collate_fn: instance then class, in one batch; pixels in [-1, 1] (Normalize([0.5], [0.5]))
-    pixel_values = torch.stack([dreambooth.load_image(p, RESOLUTION) for p in (INSTANCE_IMAGE, CLASS_IMAGE)])
+    pixel_values = torch.stack([dreambooth.load_image(p, RESOLUTION) for p in images])
     torch.manual_seed(SEED)
 
     def step():
@@ -161,6 +147,11 @@ def build_reference(folder, unet, checkpointing):
     return step, optimizer
 
 
+def images(args):
+    """(instance image, class image) of the step."""
+    return Path(args.instance_image), Path(args.class_image)
+
+
 def child(args):
     """One side alone in a fresh process: --rss-steps steps, then its peak RSS."""
     import torch
@@ -169,96 +160,127 @@ def child(args):
     folder = common.build_sd15_folder(args.cache)
     side = args.child
     t0 = time.perf_counter()
-    if side == "ours":
-        step, _ = build_ours(folder, args.gradient_checkpointing)
+    if side in ("ours", "lora"):
+        step, _ = build_ours(folder, images(args), args.gradient_checkpointing,
+                             lora_rank=args.lora_rank if side == "lora" else 0)
     else:
         unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-        step, _ = build_reference(folder, unet, args.gradient_checkpointing)
+        step, _ = build_reference(folder, images(args), unet, args.gradient_checkpointing)
     setup = time.perf_counter() - t0
     steps = []
     for _ in range(args.rss_steps):
         loss, t = common.measure(step)
         steps.append(dict(t, loss=loss))
-    print(json.dumps(dict(side=side, setup_s=setup, steps=steps, status=common.proc_status(),
-                          threads=torch.get_num_threads())), flush=True)
+    common.child_report(side=side, setup_s=setup, steps=steps, threads=torch.get_num_threads())
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_cache_arg(p)
-    p.add_argument("--rounds", type=int, default=3)
+    p = common.parser(__doc__)
+    p.add_argument("--instance-image", required=True, help="the subject's photo (a dog: the class noun is 'dog')")
+    p.add_argument("--class-image", required=True, help="a photo standing in for the class image")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds of both sides, after one warm-up round")
     p.add_argument("--gradient-checkpointing", action="store_true", help="both sides")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="time train.py --lora_rank R (side 'lora') against our full fine-tuning (side 'ours') "
+                        "instead of ours against the reference (0: ours vs reference)")
     p.add_argument("--rss-steps", type=int, default=2, help="steps of each fresh peak-RSS process (0: skip)")
     p.add_argument("--skip-timing", action="store_true", help="only the fresh peak-RSS processes")
-    p.add_argument("--malloc", choices=["stable", "default"], default="stable")
-    train_common.add_threads_arg(p)
-    p.add_argument("--json", help="also write the raw numbers to this file")
-    p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=SIDES + ("lora",), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    train_common.reexec_with_stable_malloc(__file__, argv or sys.argv[1:], args.malloc)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    train_common.set_threads(args.threads)
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    for flag, path in (("--instance-image", args.instance_image), ("--class-image", args.class_image)):
+        if not Path(path).is_file():
+            p.error(f"{flag} {path}: no such image file; the measured runs used the DreamBooth dataset's "
+                    "dog/00.jpg and dog2/00.jpg")
+    common.start(args, __file__, argv, header=not args.child)
     if args.child:
         return child(args)
     folder = common.build_sd15_folder(args.cache)
-    for line in train_common.header_lines():
-        print(line, flush=True)
     ckpt = "with" if args.gradient_checkpointing else "without"
-    print(f"512 px, prior preservation (1 + 1 images), bf16 autocast, AdamW, {ckpt} gradient checkpointing",
+    lora = f", sides: train.py --lora_rank {args.lora_rank} vs full fine-tuning" if args.lora_rank else ""
+    print(f"512 px, prior preservation (1 + 1 images), bf16 autocast, AdamW, {ckpt} gradient checkpointing{lora}",
           flush=True)
-    raw = dict(gradient_checkpointing=args.gradient_checkpointing)
+    raw = dict(gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank)
     # The fresh peak-RSS processes first: with the malloc settings above this process never gives
     # memory back, so after timing it would still hold ~18 GB.
-    rss = {}
     if args.rss_steps:
-        for side in SIDES:
-            out, _ = common.run_child([__file__, "--child", side, "--cache", str(folder), "--rss-steps",
-                                       str(args.rss_steps), "--malloc", args.malloc, "--threads", str(args.threads)]
-                                      + (["--gradient-checkpointing"] if args.gradient_checkpointing else []),
-                                      env={"TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore::FutureWarning"})
-            rss[side] = out
-            walls = ", ".join(f"{s['wall']:.1f}" for s in out["steps"])
-            losses = ", ".join(f"{s['loss']:.4f}" for s in out["steps"])
-            peak = common.gib(out["status"]["VmHWM"])
-            print(f"  [fresh process, {args.rss_steps} steps] {side}: peak RSS {peak:.2f} GiB, steps {walls} s, "
-                  f"losses {losses}", file=sys.stderr, flush=True)
-        raw["rss"] = rss
+        raw["rss"] = fresh_process_peaks(args, folder)
     if not args.skip_timing:
-        matmul = train_common.MatmulPeak().measure()
-        ours_unet, ref_unet = train_common.load_unet_pair(folder)
-        ours_step, ours_opt = build_ours(folder, args.gradient_checkpointing, ours_unet)
-        ref_step, ref_opt = build_reference(folder, ref_unet, args.gradient_checkpointing)
-        ref_opt.state = ours_opt.state  # one AdamW state for the shared parameters (same keys and layout)
-        params = list(ours_unet.parameters())
-        losses = {side: [] for side in SIDES}
-
-        def timed(side, fn):
-            def run():
-                for q in params:
-                    q.grad = None
-                losses[side].append(fn())
-            return run
-        timings = common.alternate({"ours": timed("ours", ours_step), "reference": timed("reference", ref_step)},
-                                   rounds=args.rounds, warmup=1)
-        flops, _ = train_common.count_flops(timed("ours", ours_step))
-        matmul.measure()
-        raw.update(timings=timings, losses=losses, flops=flops, matmul_tflops=dict(
-            bf16=matmul.best("bf16"), fp32=matmul.best("fp32"), samples=matmul.samples))
-        del ours_step, ref_step, ours_opt, ref_opt, ours_unet, ref_unet, params
+        raw.update(time_sides(args, folder))
     report(raw, args)
-    print(f"\nload average at end: {' '.join(common.load_average())}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(raw, indent=1))
+    common.finish(args, raw)
+
+
+def fresh_process_peaks(args, folder):
+    """Each side alone in a fresh process (child): {side: its steps and proc_status}."""
+    rss = {}
+    for side in sides(args):
+        out, _ = common.run_child([__file__, "--child", side, "--cache", str(folder), "--rss-steps",
+                                   str(args.rss_steps), "--malloc", args.malloc, "--threads", str(args.threads),
+                                   "--instance-image", args.instance_image, "--class-image", args.class_image,
+                                   "--lora-rank", str(args.lora_rank)]
+                                  + (["--gradient-checkpointing"] if args.gradient_checkpointing else []),
+                                  env={"TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore::FutureWarning"})
+        rss[side] = out
+        walls = ", ".join(f"{s['wall']:.1f}" for s in out["steps"])
+        losses = ", ".join(f"{s['loss']:.4f}" for s in out["steps"])
+        peak = common.gib(out["status"]["VmHWM"])
+        print(f"  [fresh process, {args.rss_steps} steps] {side}: peak RSS {peak:.2f} GiB, steps {walls} s, "
+              f"losses {losses}", file=sys.stderr, flush=True)
+    return rss
+
+
+def time_sides(args, folder):
+    """Both sides in this process on shared weights and AdamW state, alternating; then the FLOPs
+    of our step and the machine's matmul throughput (measured before and after). With
+    --lora-rank: time_lora_sides."""
+    if args.lora_rank:
+        return time_lora_sides(args, folder)
+    matmul = common.MatmulPeak().measure()
+    ours_unet, ref_unet = common.load_unet_pair(folder)
+    ours_step, ours_opt = build_ours(folder, images(args), args.gradient_checkpointing, ours_unet)
+    ref_step, ref_opt = build_reference(folder, images(args), ref_unet, args.gradient_checkpointing)
+    ref_opt.state = ours_opt.state  # one AdamW state for the shared parameters (same keys and layout)
+    params = list(ours_unet.parameters())
+    losses = {side: [] for side in SIDES}
+
+    def timed(side, fn):
+        def run():
+            for q in params:
+                q.grad = None
+            losses[side].append(fn())
+        return run
+    timings = common.alternate({"ours": timed("ours", ours_step), "reference": timed("reference", ref_step)},
+                               rounds=args.rounds, warmup=1)
+    flops, _ = common.count_flops(timed("ours", ours_step))
+    matmul.measure()
+    return dict(timings=timings, losses=losses, flops=flops, matmul_tflops=dict(
+        bf16=matmul.best("bf16"), fp32=matmul.best("fp32"), samples=matmul.samples))
+
+
+def time_lora_sides(args, folder):
+    """train.py --lora_rank R against our full fine-tuning, each on its own pipeline, alternating;
+    then the FLOPs of both steps and the matmul throughput (measured before and after)."""
+    matmul = common.MatmulPeak().measure()
+    full_step, _ = build_ours(folder, images(args), args.gradient_checkpointing)
+    lora_step, _ = build_ours(folder, images(args), args.gradient_checkpointing, lora_rank=args.lora_rank)
+    losses = {side: [] for side in LORA_SIDES}
+
+    def timed(side, fn):
+        return lambda: losses[side].append(fn())  # train_step leaves no gradients behind
+    fns = {"lora": timed("lora", lora_step), "ours": timed("ours", full_step)}
+    timings = common.alternate(fns, rounds=args.rounds, warmup=1)
+    flops = {side: common.count_flops(fn)[0] for side, fn in fns.items()}
+    matmul.measure()
+    return dict(timings=timings, losses=losses, flops=flops["ours"], flops_lora=flops["lora"], matmul_tflops=dict(
+        bf16=matmul.best("bf16"), fp32=matmul.best("fp32"), samples=matmul.samples))
 
 
 def report(raw, args):
     m = common.median
     rows = []
     cells = {}
-    for side in SIDES:
+    first, second = sides(args)
+    for side in (first, second):
         c = {}
         if "timings" in raw:
             ts = raw["timings"][side]
@@ -268,27 +290,31 @@ def report(raw, args):
             c["peak"] = raw["rss"][side]["status"]["VmHWM"]
             c["fresh"] = [s["wall"] for s in raw["rss"][side]["steps"]]
         cells[side] = c
-    for side in SIDES:
+    for side in (first, second):
         c = cells[side]
         rows.append([side, f"{c['wall']:.2f} ({c['lo']:.2f}-{c['hi']:.2f})" if "wall" in c else "-",
                      f"{c['user']:.2f}" if "user" in c else "-",
                      f"{common.gib(c['peak']):.2f}" if "peak" in c else "-",
                      ", ".join(f"{w:.1f}" for w in c.get("fresh", [])) or "-"])
-    o, r = cells["ours"], cells["reference"]
-    rows.append(["ours/reference", common.ratio(o["wall"], r["wall"]) if "wall" in o else "-",
+    o, r = cells[first], cells[second]
+    rows.append([f"{first}/{second}", common.ratio(o["wall"], r["wall"]) if "wall" in o else "-",
                  common.ratio(o["user"], r["user"]) if "user" in o else "-",
                  common.ratio(o["peak"], r["peak"]) if "peak" in o else "-", ""])
     ckpt = "with" if args.gradient_checkpointing else "without"
+    lora = f", lora: --lora_rank {args.lora_rank}, ours: full fine-tuning" if args.lora_rank else ""
     print(f"\n### DreamBooth step, SD 1.5 size, 512 px, 1 + 1 images, bf16 autocast, AdamW, {ckpt} gradient "
-          f"checkpointing ({args.rounds} rounds, medians)\n")
+          f"checkpointing{lora} ({args.rounds} rounds, medians)\n")
     common.print_table(rows, ["side", "s/step (min-max)", "user CPU s/step", "peak RSS GiB (fresh process)",
                               "fresh-process steps s (first includes page faults)"])
     if "flops" in raw:
-        tf = raw["flops"] / o["wall"] / 1e12
-        print(f"\nours: {raw['flops'] / 1e12:.2f} TFLOP counted per step, {tf:.3f} TFLOP/s = "
-              f"{100 * tf / raw['matmul_tflops']['bf16']:.0f}% of this run's bf16 matmul throughput "
-              f"({raw['matmul_tflops']['bf16']:.2f} TFLOP/s; fp32 {raw['matmul_tflops']['fp32']:.3f})")
-        losses = {s: ", ".join(f"{v:.4f}" for v in raw["losses"][s]) for s in SIDES}
+        for side, flops in (("ours", raw["flops"]), ("lora", raw.get("flops_lora"))):
+            if flops is None:
+                continue
+            tf = flops / cells[side]["wall"] / 1e12
+            print(f"\n{side}: {flops / 1e12:.2f} TFLOP counted per step, {tf:.3f} TFLOP/s = "
+                  f"{100 * tf / raw['matmul_tflops']['bf16']:.0f}% of this run's bf16 matmul throughput "
+                  f"({raw['matmul_tflops']['bf16']:.2f} TFLOP/s; fp32 {raw['matmul_tflops']['fp32']:.3f})")
+        losses = {s: ", ".join(f"{v:.4f}" for v in raw["losses"][s]) for s in (first, second)}
         print("losses in the timing process (shared weights, so not a same-seed comparison): "
               + "; ".join(f"{s}: {v}" for s, v in losses.items()))
 

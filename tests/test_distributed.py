@@ -71,7 +71,7 @@ def test_two_ranks_train_like_one_process_with_the_global_batch(tiny_sd1, instan
 
 
 def test_resume_under_two_ranks(tiny_sd1, instance_dir, tmp_path):
-    common = ["--batch_size", "1", "--max_steps", "4", "--checkpoint_every", "2", "--cache_latents"]
+    common = ["--batch_size", "1", "--max_steps", "4", "--checkpoint_every", "2", "--keep_checkpoints", "2", "--cache_latents"]
     straight = tmp_path / "a"
     torchrun(2, train_args(tiny_sd1, instance_dir, straight, *common))
     resumed = tmp_path / "b"

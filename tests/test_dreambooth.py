@@ -213,3 +213,19 @@ def test_latent_distribution_sample():
     noise = torch.randn(1, 4, 2, 2)
     z = dreambooth.LatentDistribution(mean, std).sample(noise, 0.18215)
     assert torch.allclose(z, (2.0 + 0.5 * noise) * 0.18215)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_images_read_as_a_viewer_shows_them(tmp_path, mode):
+    """A 16-bit grey gradient (and its 32-bit integer and float forms) scales to 8 bits, v * 255
+    / 65535 rounded; PIL's own convert("RGB") would clip it to white."""
+    import numpy as np
+    values = (np.arange(1024).reshape(4, 256) * 64).astype(np.uint16)  # 0 .. 65472
+    data = {"I;16": values, "I": values.astype(np.int32), "F": (values / 65535).astype(np.float32)}[mode]
+    path = tmp_path / ("g.png" if mode == "I;16" else "g.tif")
+    Image.fromarray(data).save(path)
+    assert Image.open(path).mode == mode
+    pixels = np.asarray(dreambooth.open_rgb(path))
+    expected = np.round(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert pixels.shape == (4, 256, 3) and (pixels == expected[..., None]).all()
+    assert pixels.max() == 255 and pixels.min() == 0

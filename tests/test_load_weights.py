@@ -1,6 +1,5 @@
 """load_weights.py: every way in and out, against diffusers / transformers as the oracles."""
 import json
-import pickle
 import shutil
 from pathlib import Path
 
@@ -59,8 +58,8 @@ def test_folder_matches_diffusers(tiny_folder):
 
 
 def test_dtype_and_no_copy(tiny_sd1):
-    half = load_pipeline(tiny_sd1, dtype=torch.bfloat16)
-    assert {p.dtype for p in half.unet.parameters()} == {torch.bfloat16}
+    bf16 = load_pipeline(tiny_sd1, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.unet.parameters()} == {torch.bfloat16}
     full = load_pipeline(tiny_sd1)
     assert not any(p.requires_grad for p in full.unet.parameters())  # frozen until a trainer says so
     assert not any(p.is_meta for m in (full.unet, full.vae, full.text_encoder) for p in m.state_dict().values())
@@ -116,7 +115,7 @@ def test_export_matches_diffusers_conversion(tiny_folder, tmp_path):
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
     ours = load_pipeline(tiny_folder)
-    path = export_single_file(ours, tmp_path / "model.safetensors", half=False)
+    path = export_single_file(ours, tmp_path / "model.safetensors", fp16=False)
     original = load_file(path)
     configs = diffusers_configs(tiny_folder)
     expected = {"unet": convert_ldm_unet_checkpoint(original, configs["unet"]),
@@ -136,7 +135,7 @@ def test_export_matches_diffusers_conversion(tiny_folder, tmp_path):
 
 def test_single_file_loads_like_the_folder(tiny_folder, tmp_path):
     ours = load_pipeline(tiny_folder)
-    path = export_single_file(ours, tmp_path / "model.safetensors", half=False)
+    path = export_single_file(ours, tmp_path / "model.safetensors", fp16=False)
     prediction = ours.scheduler.config.prediction_type
     again = load_pipeline(path, config=tiny_folder, prediction_type=prediction)
     for name in ("unet", "vae", "text_encoder"):
@@ -148,9 +147,9 @@ def test_single_file_loads_like_the_folder(tiny_folder, tmp_path):
     assert_same_outputs(ours, ref)
 
 
-def test_half_export_and_ckpt(tiny_sd1, tmp_path):
+def test_fp16_export_and_ckpt(tiny_sd1, tmp_path):
     ours = load_pipeline(tiny_sd1)
-    path = export_single_file(ours, tmp_path / "half.safetensors")  # half=True by default
+    path = export_single_file(ours, tmp_path / "fp16.safetensors")  # fp16=True by default
     assert {t.dtype for t in load_file(path).values()} == {torch.float16}
     again = load_pipeline(path, config=tiny_sd1)
     w, w2 = ours.unet.conv_in.weight, again.unet.conv_in.weight
@@ -164,7 +163,7 @@ def test_half_export_and_ckpt(tiny_sd1, tmp_path):
 
 def test_ema_weights_preferred(tiny_sd1, tmp_path):
     ours = load_pipeline(tiny_sd1)
-    original = load_file(export_single_file(ours, tmp_path / "m.safetensors", half=False))
+    original = load_file(export_single_file(ours, tmp_path / "m.safetensors", fp16=False))
     unet_keys = [k for k in original if k.startswith("model.diffusion_model.")]
     for k in unet_keys:  # the EMA copy: 'model.' dropped, dots removed
         original["model_ema." + k[len("model."):].replace(".", "")] = original[k] + 1
@@ -362,3 +361,114 @@ def test_text_encoder_keys_without_prefix(tiny_sd1, tmp_path):
     save_file({k.removeprefix("text_model."): v for k, v in state.items()}, f)
     a, b = load_pipeline(folder).text_encoder.state_dict(), load_pipeline(tiny_sd1).text_encoder.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub configs: features the models do not implement are refused by the loader, with the key,
+# the value and what is supported.
+
+UNET_SD1_STYLE = dict(  # tests/test_unet.py's SD1_STYLE
+    block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8, cross_attention_dim=16,
+    attention_head_dim=2, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], sample_size=8)
+VAE_TINY_2_LEVEL = dict(  # tests/test_vae.py's TINY_2_LEVEL
+    block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8, latent_channels=4)
+SD15_TEXT_JSON = {  # stable-diffusion-v1-5 text_encoder/config.json
+    "_name_or_path": "openai/clip-vit-large-patch14", "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2,
+    "hidden_act": "quick_gelu", "hidden_size": 768, "initializer_factor": 1.0,
+    "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77, "model_type": "clip_text_model", "num_attention_heads": 12,
+    "num_hidden_layers": 12, "pad_token_id": 1, "projection_dim": 768, "torch_dtype": "float32",
+    "transformers_version": "4.22.0.dev0", "vocab_size": 49408}
+
+
+@pytest.mark.parametrize("key, value", [
+    ("addition_embed_type", "text_time"),          # SDXL's, without its sizes (tests/test_sdxl.py)
+    ("addition_embed_type", "text"),
+    ("class_embed_type", "timestep"),
+    ("num_class_embeds", 10),
+    ("transformer_layers_per_block", [[1, 2], [2, 1]]),  # per-layer lists: an asymmetric UNet
+    ("transformer_layers_per_block", [1, 2, 10, 10]),
+    ("encoder_hid_dim", 768),
+    ("time_cond_proj_dim", 256),
+    ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
+    ("act_fn", "gelu"),
+    ("only_cross_attention", True),
+    ("resnet_time_scale_shift", "scale_shift"),
+    ("center_input_sample", True),
+])
+def test_unsupported_unet_features_raise(key, value):
+    with pytest.raises(ValueError, match=key) as info:
+        load_weights.unet_config(dict(UNET_SD1_STYLE, **{key: value}))
+    assert repr(value) in str(info.value) and "supported" in str(info.value)
+
+
+def test_unknown_unet_block_type_raises():
+    bad = dict(UNET_SD1_STYLE, down_block_types=["SimpleCrossAttnDownBlock2D", "DownBlock2D"])
+    match = "down_block_types.*SimpleCrossAttnDownBlock2D.*CrossAttnDownBlock2D"
+    with pytest.raises(ValueError, match=match):
+        load_weights.unet_config(bad)
+    bad = dict(UNET_SD1_STYLE, up_block_types=["UpBlock2D", "AttnUpBlock2D"])
+    with pytest.raises(ValueError, match="up_block_types.*AttnUpBlock2D"):
+        load_weights.unet_config(bad)
+
+
+def test_unet_feature_off_values_are_accepted():
+    # Explicit "off" values as Hub configs write them must not raise.
+    cfg = load_weights.unet_config(dict(UNET_SD1_STYLE, class_embed_type=None, addition_embed_type=None,
+                                        transformer_layers_per_block=[1, 1], dropout=0.0,
+                                        mid_block_only_cross_attention=None))
+    assert cfg == UNetConfig.from_dict(UNET_SD1_STYLE)
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(shift_factor=0.1159), "shift_factor"),
+    (dict(down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]), "AttnDownEncoderBlock2D"),
+    (dict(up_block_types=["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]), "AttnUpDecoderBlock2D"),
+    (dict(act_fn="gelu"), "act_fn"),
+    (dict(latents_mean=[0.0] * 4, latents_std=[1.0] * 4), "latents_mean"),
+    (dict(block_out_channels=[32, 64, 64]), "equal lengths"),
+    (dict(norm_num_groups=12), "norm_num_groups"),
+])
+def test_vae_config_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_weights.vae_config({**VAE_TINY_2_LEVEL, **override})
+    load_weights.vae_config({**VAE_TINY_2_LEVEL, "shift_factor": None})  # None / 0 are fine
+    load_weights.vae_config({**VAE_TINY_2_LEVEL, "shift_factor": 0.0})
+
+
+def test_text_encoder_config_errors():
+    with pytest.raises(ValueError, match=r"hidden_act='relu'.*'quick_gelu', 'gelu'"):
+        load_weights.text_encoder_config(dict(SD15_TEXT_JSON, hidden_act="relu"))
+    with pytest.raises(ValueError, match="attention_dropout=0.1"):
+        load_weights.text_encoder_config(dict(SD15_TEXT_JSON, attention_dropout=0.1))
+    with pytest.raises(ValueError, match="not divisible"):
+        load_weights.text_encoder_config(dict(hidden_size=30, num_attention_heads=4))
+    assert load_weights.text_encoder_config(SD15_TEXT_JSON) == CLIPTextConfig.from_dict(SD15_TEXT_JSON)
+
+
+@pytest.mark.parametrize("component, key, value", [
+    ("unet", "addition_embed_type", "text_time"),
+    ("vae", "shift_factor", 0.1159),
+    ("text_encoder", "hidden_act", "relu"),
+])
+def test_unsupported_config_in_a_folder_is_a_load_error(tiny_sd1, tmp_path, component, key, value):
+    """Through load_pipeline the refusal is a LoadError naming the file, the key and the value."""
+    folder = shutil.copytree(tiny_sd1, tmp_path / "m")
+    path = folder / component / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    with pytest.raises(LoadError, match=rf"{component}/config.json: .*{key}={value!r} is not supported") as info:
+        load_pipeline(folder)
+    assert "Stable Diffusion 1.x and 2.x" in str(info.value)
+
+
+def test_save_keeps_config_keys_the_models_do_not_read(tiny_sd1, tmp_path):
+    """Hub keys that are not config fields (act_fn, force_upcast, ...) round-trip through saving."""
+    saved = save_pipeline(load_pipeline(tiny_sd1), tmp_path / "saved")
+    for component in ("unet", "vae", "text_encoder"):
+        before = json.loads((tiny_sd1 / component / "config.json").read_text())
+        after = json.loads((saved / component / "config.json").read_text())
+        kept = {k: v for k, v in before.items() if not k.startswith("_") and k != "transformers_version"}
+        assert {k: after.get(k) for k in kept} == kept, component

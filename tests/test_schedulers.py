@@ -1,5 +1,7 @@
-"""schedulers.py against diffusers' DDIMScheduler / DDPMScheduler built from the same config dict.
-Tolerance: max abs error <= 1e-6 in fp32 (the arithmetic is the same, so in practice it is exact)."""
+"""schedulers.py against diffusers' DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+(dpmsolver++, order 2, with and without Karras sigmas) and EulerAncestralDiscreteScheduler, each
+built from the same config dict. Grids (timesteps, sigmas) must be identical; step outputs:
+max abs error <= 1e-6 in fp32 (the arithmetic is the same, so in practice it is exact)."""
 import json
 import os
 import sys
@@ -9,7 +11,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import schedulers  # noqa: E402
-from schedulers import PRESETS, DDIMScheduler, DDPMScheduler, SchedulerConfig, randn  # noqa: E402
+from schedulers import (PRESETS, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
+                        EulerAncestralScheduler, SchedulerConfig, karras_sigmas, randn)
 
 import diffusers  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
@@ -32,10 +35,24 @@ LINEAR = {"_class_name": "DDPMScheduler", "beta_schedule": "linear", "beta_start
 CONFIGS = {"sd15-pndm": SD15_PNDM, "sd21-v": SD21_V, "linear": LINEAR}
 
 
-def ours_and_ref(kind: str, cfg: dict):
-    ours_cls, ref_cls = {"ddim": (DDIMScheduler, diffusers.DDIMScheduler),
-                         "ddpm": (DDPMScheduler, diffusers.DDPMScheduler)}[kind]
-    return ours_cls(SchedulerConfig.from_dict(cfg)), ref_cls.from_config(cfg)
+# sample.py's sampler names -> (ours from a SchedulerConfig, diffusers' from the config dict)
+SAMPLERS = {
+    "ddim": (lambda c, eta: DDIMScheduler(c, eta=eta), diffusers.DDIMScheduler.from_config),
+    "ddpm": (lambda c, eta: DDPMScheduler(c), diffusers.DDPMScheduler.from_config),
+    "dpmpp_2m": (lambda c, eta: DPMSolverMultistepScheduler(c),
+                 lambda cfg: diffusers.DPMSolverMultistepScheduler.from_config(
+                     cfg, algorithm_type="dpmsolver++", solver_order=2)),
+    "dpmpp_2m_karras": (lambda c, eta: DPMSolverMultistepScheduler(c, use_karras_sigmas=True),
+                        lambda cfg: diffusers.DPMSolverMultistepScheduler.from_config(
+                            cfg, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)),
+    "euler_a": (lambda c, eta: EulerAncestralScheduler(c), diffusers.EulerAncestralDiscreteScheduler.from_config),
+}
+SIGMA_SAMPLERS = ["dpmpp_2m", "dpmpp_2m_karras", "euler_a"]
+
+
+def ours_and_ref(kind: str, cfg: dict, eta: float = 0.0):
+    ours, ref = SAMPLERS[kind]
+    return ours(SchedulerConfig.from_dict(cfg), eta), ref(cfg)
 
 
 def fake_model(sample, t):
@@ -98,23 +115,30 @@ def test_training_target_sample_prediction():
     assert torch.equal(s.training_target(x0, noise, torch.tensor([3, 900])), x0)
 
 
-def run_both(kind, cfg, num_inference_steps, batch=2, eta=None, seed=0, **extra):
-    """Run both samplers side by side on their own trajectories; compare every step's outputs."""
-    ours, ref = ours_and_ref(kind, cfg)
+def run_both(kind, cfg, num_inference_steps, batch=2, eta=None, seed=0, generators=None, **extra):
+    """Run both samplers side by side on their own trajectories; compare every step's outputs.
+    The loop is sample.denoise's: x_T = noise * init_noise_sigma, the model sees scale_model_input.
+    generators: seeds of one generator per item instead of one generator for the batch."""
+    ours, ref = ours_and_ref(kind, cfg, eta=eta or 0.0)
     if num_inference_steps is not None:
         ours.set_timesteps(num_inference_steps)
         ref.set_timesteps(num_inference_steps)
     assert torch.equal(ours.timesteps, ref.timesteps)
-    x = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(100))
+    assert float(ours.init_noise_sigma) == float(ref.init_noise_sigma)
+    x = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(100)) * ours.init_noise_sigma
     x_ref = x.clone()
-    g, g_ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-    kw, kw_ref = ({}, {}) if eta is None else ({"eta": eta}, {"eta": eta})
+    if generators is None:
+        g, g_ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    else:
+        g, g_ref = ([torch.Generator().manual_seed(s) for s in generators] for _ in range(2))
+    kw_ref = {} if eta is None else {"eta": eta}
     worst = 0.0
     for t in ours.timesteps:
-        out = ours.step(fake_model(x, t), t, x, generator=g, **kw)
-        out_ref = ref.step(fake_model(x_ref, t), t, x_ref, generator=g_ref, **kw_ref)
-        step_err = max(max_err(out.prev_sample, out_ref.prev_sample),
-                       max_err(out.pred_original_sample, out_ref.pred_original_sample))
+        out = ours.step(fake_model(ours.scale_model_input(x, t), t), t, x, g)
+        out_ref = ref.step(fake_model(ref.scale_model_input(x_ref, t), t), t, x_ref, generator=g_ref, **kw_ref)
+        step_err = max_err(out.prev_sample, out_ref.prev_sample)
+        if hasattr(out_ref, "pred_original_sample"):  # diffusers' DPM-Solver does not return it
+            step_err = max(step_err, max_err(out.pred_original_sample, out_ref.pred_original_sample))
         assert step_err <= TOL, f"t={int(t)}: {step_err}"
         worst = max(worst, step_err)
         x, x_ref = out.prev_sample, out_ref.prev_sample
@@ -167,19 +191,19 @@ def test_randn_matches_diffusers_and_is_batch_size_independent():
         randn(shape, gens()[:2])
 
 
-@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+@pytest.mark.parametrize("kind", SAMPLERS)
 def test_stochastic_steps_are_batch_size_independent(kind):
     """With one generator per image, an image's trajectory does not depend on the batch it is in."""
-    s = (DDIMScheduler if kind == "ddim" else DDPMScheduler)(PRESETS["sd21"])
-    s.set_timesteps(20)
-    kw = {"eta": 1.0} if kind == "ddim" else {}
+    s, _ = ours_and_ref(kind, SD21_V, eta=1.0)
     seeds = [5, 6, 7]
     x0 = torch.cat([torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(s_)) for s_ in seeds])
 
     def sample(x, seeds_):
         gens = [torch.Generator().manual_seed(s_) for s_ in seeds_]
+        s.set_timesteps(20)  # DPM-Solver++ and Euler start their step counter again
+        x = x * s.init_noise_sigma
         for t in s.timesteps:
-            x = s.step(fake_model(x, t), t, x, generator=gens, **kw).prev_sample
+            x = s.step(fake_model(s.scale_model_input(x, t), t), t, x, gens).prev_sample
         return x
 
     together = sample(x0, seeds)
@@ -233,3 +257,97 @@ def test_set_timesteps_errors():
     s.set_timesteps(500)  # the largest count that fits with steps_offset 1
     assert s.timesteps[0].item() == 999
     assert schedulers.SchedulerConfig.from_dict({"timestep_spacing": "leading"}).timestep_spacing == "leading"
+
+
+# ---- DPM-Solver++(2M), with and without Karras sigmas, and Euler ancestral ----------------------
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("kind", SIGMA_SAMPLERS)
+def test_sigma_sampler_grids_equal_diffusers(kind, name):
+    """timesteps (what the UNet is told), sigmas (n + 1, ending at 0) and init_noise_sigma are
+    identical for every step count tried, among them grids with ties such as 499.5 (n = 26)."""
+    ours, ref = ours_and_ref(kind, CONFIGS[name])
+    for n in [*range(1, 61), 99, 100, 101, 250, 333, 500, 999, 1000]:
+        ours.set_timesteps(n)
+        ref.set_timesteps(n)
+        assert ours.timesteps.dtype == ref.timesteps.dtype, n
+        assert torch.equal(ours.timesteps, ref.timesteps), n
+        assert ours.sigmas.dtype == torch.float32 and torch.equal(ours.sigmas, ref.sigmas), n
+        assert float(ours.init_noise_sigma) == float(ref.init_noise_sigma), n
+
+
+def test_sigma_sampler_grid_numbers():
+    dpm = DPMSolverMultistepScheduler(PRESETS["sd15"])
+    dpm.set_timesteps(20)  # round(k * 999 / 20) for k = 20, ..., 1
+    assert dpm.timesteps[:3].tolist() == [999, 949, 899] and dpm.timesteps[-1].item() == 50
+    assert len(dpm.sigmas) == 21 and dpm.sigmas[-1].item() == 0 and dpm.init_noise_sigma == 1
+    assert torch.equal(dpm.sigmas[:-1], dpm.train_sigmas[dpm.timesteps])
+    euler = EulerAncestralScheduler(PRESETS["sd15"])
+    euler.set_timesteps(4)
+    assert euler.timesteps.tolist() == [999, 666, 333, 0] and euler.timesteps.dtype == torch.float32
+    assert euler.init_noise_sigma == euler.sigmas[0] == euler.train_sigmas[-1]
+    assert euler.train_sigmas[-1].item() == pytest.approx(14.61, abs=0.01)  # SD's sigma_max
+    # Karras et al. Eq. 5, rho = 7: from sigma_max down to sigma_min
+    s = karras_sigmas(0.03, 14.6, 10)
+    assert s[0].item() == pytest.approx(14.6) and s[-1].item() == pytest.approx(0.03) and (s.diff() < 0).all()
+    assert s[4].item() == pytest.approx((14.6 ** (1 / 7) + 4 / 9 * (0.03 ** (1 / 7) - 14.6 ** (1 / 7))) ** 7)
+    assert (-s.diff()).diff().lt(0).all()  # the steps shrink on the way down to sigma_min
+    assert karras_sigmas(0.03, 14.6, 1).tolist() == [pytest.approx(14.6)]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("kind", SIGMA_SAMPLERS)
+@pytest.mark.parametrize("steps", [1, 2, 3, 20, 50])
+def test_sigma_samplers_match_diffusers(kind, name, steps):
+    """Every step within TOL of diffusers (epsilon, v-prediction, linear betas), with one generator
+    per item for Euler's noise; 1 and 2 steps are first-order steps only (DPM-Solver++)."""
+    run_both(kind, CONFIGS[name], steps, generators=[0, 1])
+
+
+def test_dpm_solver_sample_prediction_matches_diffusers():
+    run_both("dpmpp_2m", {**SD15_PNDM, "prediction_type": "sample"}, 20)
+    run_both("dpmpp_2m_karras", {**SD21_V, "prediction_type": "sample"}, 7)
+
+
+def test_euler_ancestral_noise_comes_from_each_items_generator():
+    x, _ = run_both("euler_a", SD15_PNDM, 20, generators=[0, 1])
+    x_other, _ = run_both("euler_a", SD15_PNDM, 20, generators=[0, 2])
+    assert torch.equal(x[0], x_other[0]) and max_err(x[1], x_other[1]) > 1e-3
+
+
+def test_euler_sample_prediction_equals_the_epsilon_form():
+    """x_0-predicting models (diffusers' Euler raises for them, so no reference): an x_0 output and
+    the eps it implies, (x - x_0) / sigma, make the same step."""
+    by_eps = EulerAncestralScheduler(SchedulerConfig.from_dict(SD15_PNDM))
+    by_x0 = EulerAncestralScheduler(SchedulerConfig.from_dict({**SD15_PNDM, "prediction_type": "sample"}))
+    for s in (by_eps, by_x0):
+        s.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g) * by_eps.init_noise_sigma
+    x0 = torch.randn(2, 4, 8, 8, generator=g)
+    t, sigma = by_eps.timesteps[0], by_eps.sigmas[0]
+    a = by_eps.step((x - x0) / sigma, t, x, torch.Generator().manual_seed(1))
+    b = by_x0.step(x0, t, x, torch.Generator().manual_seed(1))
+    assert max_err(a.pred_original_sample, x0) <= 1e-5 and torch.equal(b.pred_original_sample, x0)
+    assert max_err(a.prev_sample, b.prev_sample) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", SIGMA_SAMPLERS)
+def test_sigma_samplers_take_their_grid_in_order(kind):
+    """They count their steps: a timestep out of turn is an error, set_timesteps starts again."""
+    s, _ = ours_and_ref(kind, SD15_PNDM)
+    s.set_timesteps(3)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t0, t1, t2 = s.timesteps
+    first = s.step(fake_model(x, t0).bfloat16(), t0, x.bfloat16(), torch.Generator().manual_seed(0))
+    assert first.prev_sample.dtype == torch.float32  # fp32 arithmetic whatever the inputs
+    with pytest.raises(ValueError, match="in order"):
+        s.step(fake_model(x, t0), t0, x)  # the same timestep twice
+    s.step(fake_model(x, t1), t1, x)
+    s.step(fake_model(x, t2), t2, x)
+    with pytest.raises(ValueError, match="the grid is done"):
+        s.step(fake_model(x, t2), t2, x)
+    s.set_timesteps(3)
+    again = s.step(fake_model(x, t0).bfloat16(), t0, x.bfloat16(), torch.Generator().manual_seed(0))
+    assert torch.equal(again.prev_sample, first.prev_sample)

@@ -70,10 +70,11 @@ def test_instance_loss_falls(tiny_sd1, instance_dir, tmp_path):
 @pytest.mark.parametrize("extra", [[], ["--cache_latents", "--train_text_encoder", "--grad_accum", "2"]],
                          ids=["encode-every-step", "cached-latents+text-encoder"])
 def test_exact_resume(tiny_sd1, instance_dir, tmp_path, extra):
-    common = ["--max_steps", "4", "--checkpoint_every", "2", "--lr", "1e-3", "--flip", "--warmup_steps", "3",
-              *(["--random_crop"] if not extra else []), *extra]
+    common = ["--max_steps", "4", "--checkpoint_every", "2", "--keep_checkpoints", "2", "--lr", "1e-3", "--flip",
+              "--warmup_steps", "3", *(["--random_crop"] if not extra else []), *extra]
     straight = run(tiny_sd1, instance_dir, tmp_path / "a", *common)
-    assert [p.name for p in (straight / "checkpoints").iterdir()] == ["step-000002"]
+    # every second step, and the last (so a finished run can be extended)
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     # a run that "crashed" after step 2: its checkpoint, class images and log, and nothing else
     resumed = tmp_path / "b"
     (resumed / "checkpoints").mkdir(parents=True)
@@ -102,7 +103,7 @@ def test_mixed_precision_keeps_fp32_weights(tiny_sd1, instance_dir, tmp_path, mo
         seen["grad_dtypes"] = {p.grad.dtype for g in self.param_groups for p in g["params"] if p.grad is not None}
         return real_step(self, *args, **kwargs)
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    out = run(tiny_sd1, instance_dir, tmp_path / "out", "--max_steps", "3", "--checkpoint_every", "2",
+    out = run(tiny_sd1, instance_dir, tmp_path / "out", "--max_steps", "3", "--checkpoint_every", "2", "--keep_checkpoints", "2",
               "--mixed_precision", precision, "--lr", "1e-4")
     assert seen["dtypes"] == seen["grad_dtypes"] == {torch.float32}
     state = torch.load(out / "checkpoints" / "step-000002" / "state.pt", weights_only=True)
@@ -225,7 +226,8 @@ def test_output_dir_not_writable(tiny_sd1, instance_dir, tmp_path, capsys):
 
 def test_nonfinite_loss_is_skipped_then_stops_without_losing_results(tiny_sd1, instance_dir, tmp_path,
                                                                       monkeypatch, capsys):
-    good = run(tiny_sd1, instance_dir, tmp_path / "out", "--no_prior_preservation", "--max_steps", "2")
+    good = run(tiny_sd1, instance_dir, tmp_path / "out", "--no_prior_preservation", "--max_steps", "2",
+               "--checkpoint_every", "2")
     before = unet_weights(good)
     real_loss = dreambooth.prior_preservation_loss
     calls = {"n": 0}
@@ -247,8 +249,9 @@ def test_nonfinite_loss_is_skipped_then_stops_without_losing_results(tiny_sd1, i
 
     calls["n"] = 0
     bad_calls = set(range(1, 100))  # persistent: stop, and leave the earlier model alone
-    with pytest.raises(SystemExit) as exit_info:
-        run(tiny_sd1, instance_dir, good, "--no_prior_preservation", "--max_steps", "20", "--max_nonfinite_steps", "3")
+    with pytest.raises(SystemExit) as exit_info:  # extending the finished run
+        run(tiny_sd1, instance_dir, good, "--no_prior_preservation", "--max_steps", "20", "--max_nonfinite_steps", "3",
+            "--checkpoint_every", "2", "--resume", "latest")
     assert exit_info.value.code == 1
     assert "not finite for 3 steps in a row" in capsys.readouterr().err
     after = unet_weights(good)
@@ -324,7 +327,7 @@ def test_low_memory_mode_trains_resumes_exactly_and_tracks_the_default(tiny_sd1,
     monkeypatch.setattr(optim.AdamW, "step", step)
     common = ["--max_steps", "6", "--lr", "1e-3", "--mixed_precision", "bf16", "--flip"]
     default = run(tiny_sd1, instance_dir, tmp_path / "default", "--cache_latents", *common)
-    low = run(tiny_sd1, instance_dir, tmp_path / "low", "--low_memory", "--checkpoint_every", "3", *common)
+    low = run(tiny_sd1, instance_dir, tmp_path / "low", "--low_memory", "--checkpoint_every", "3", "--keep_checkpoints", "2", *common)
     assert seen["dtypes"] == seen["grad_dtypes"] == {torch.float32}
     state = torch.load(low / "checkpoints" / "step-000003" / "state.pt", weights_only=True)
     moments = [v for s in state["optimizer"]["state"].values() for k, v in s.items() if k != "step"]

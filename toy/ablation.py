@@ -19,8 +19,16 @@ photos) and on class-prompt samples ("a photo of circle"). The pretrained toy mo
 with the same identifier, is the baseline; the subject's photos against each other are the
 ceiling ("real photos", Table 1's first row).
 
+The class-image sampler comparison (--class_samplers) asks how cheaply the class images of
+prior preservation can be made: per subject and seed, one "prior" fine-tuning per sampler
+(SCHEDULER:STEPS, e.g. ddim:50 dpmpp_2m_karras:20), each from its own class images (made with
+train.py's own code before the runs, and timed), everything else identical (same seeds, same
+training noise), so that the arms differ only in their class images. It tables PRES, DIV and
+subject fidelity per sampler, and each arm's paired difference from the first arm.
+
     python -m toy.ablation                       # 3 subjects x 3 seeds (see --help), about 30 min
     python -m toy.ablation --quick --out /tmp/a  # the reduced CI mode, about a minute
+    python -m toy.ablation --class_samplers ddim:50 dpmpp_2m_karras:20 --out toy-samplers --threads 1
 """
 import argparse
 import json
@@ -72,21 +80,23 @@ def evaluate(pipeline, instance_prompt, class_prompt, photos, *, per_context=4, 
     return scores, subject_samples[::per_context], class_samples
 
 
-def train_args(config, subject, seed, out, flags):
-    """train.py's argv for one run."""
+def train_args(config, subject, seed, out, flags, arm=""):
+    """train.py's argv for one run. `arm` (a class-image sampler, e.g. "ddim-50") gives the run
+    folder and the class images a name of their own."""
     noun = world.SUBJECTS[subject].noun
+    name = f"{subject}-{config}-{arm}-seed{seed}" if arm else f"{subject}-{config}-seed{seed}"
     argv = [*flags, "--instance_dir", str(SUBJECTS_DIR / subject), "--seed", str(seed),
-            "--output_dir", str(out / "runs" / f"{subject}-{config}-seed{seed}")]
+            "--output_dir", str(out / "runs" / name)]
     if config == "prior":
-        return argv + ["--class_noun", noun, "--class_dir", str(out / "class_images" / noun)]
+        return argv + ["--class_noun", noun, "--class_dir", str(out / "class_images" / arm / noun)]
     argv += ["--no_prior_preservation"]
     if config == "no_class":  # the class noun is only used to check the identifier against
         return argv + ["--class_noun", noun, "--instance_template", "a photo of {identifier}"]
     return argv + ["--class_noun", WRONG_CLASS[noun] if config == "wrong_class" else noun]
 
 
-def run(config, subject, seed, out, flags, keep=False):
-    argv = train_args(config, subject, seed, out, flags)
+def run(config, subject, seed, out, flags, keep=False, arm=""):
+    argv = train_args(config, subject, seed, out, flags, arm)
     if train.main(argv) != 0:
         raise RuntimeError(f"train.py failed: {argv}")
     folder = Path(argv[argv.index("--output_dir") + 1])
@@ -96,6 +106,136 @@ def run(config, subject, seed, out, flags, keep=False):
     if not keep:
         shutil.rmtree(folder)
     return info["identifier"], result
+
+
+# ----------------------------------------------------------------------------------------------
+# The class-image sampler comparison (--class_samplers)
+
+
+def sampler_spec(text):
+    """argparse type of one arm: "SCHEDULER:STEPS" -> (scheduler, steps)."""
+    name, _, steps = text.partition(":")
+    if name not in sample.SCHEDULERS or not steps.isdigit() or int(steps) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: write SCHEDULER:STEPS, SCHEDULER one of "
+                                         f"{', '.join(sorted(sample.SCHEDULERS))} (e.g. dpmpp_2m_karras:20)")
+    return name, int(steps)
+
+
+def arm_name(arm):
+    return f"{arm[0]}-{arm[1]}"
+
+
+def sampler_flags(arm):
+    return ["--class_scheduler", arm[0], "--class_steps", str(arm[1])]
+
+
+def make_class_images(argv):
+    """Make the class images of a train.py run (argv) with train.py's own phases 1-3, before the
+    run, which then finds them in its --class_dir. Returns (seconds, UNet evaluations: the rows
+    of every UNet call, so guidance's unconditional half counts), or (0, 0) if they were there."""
+    args = train.parse_args(train.build_parser(), argv)
+    env = train.Distributed(args.device)
+    pipeline = train.load_for_training(args, env.device)
+    prompts = train.choose_prompts(args, pipeline.tokenizer, env)
+    rows = []
+    hook = pipeline.unet.register_forward_pre_hook(lambda module, inputs: rows.append(inputs[0].shape[0]))
+    start = time.perf_counter()
+    train.make_class_images(pipeline, args, prompts, Path(args.output_dir), env)
+    seconds = time.perf_counter() - start
+    hook.remove()
+    return (seconds, sum(rows)) if rows else (0.0, 0)
+
+
+def compare_samplers(args, out, flags):
+    """Per seed and subject, one prior-preservation fine-tuning per arm of args.class_samplers.
+    Yields (scores, cost) after each seed and subject, so that a cut-short run leaves a table:
+    scores[arm] = list of dicts, the same (seed, subject) order in every arm; cost[arm] = the
+    class images' seconds and UNet evaluations, summed over the class sets it made."""
+    arms = [arm_name(a) for a in args.class_samplers]
+    scores = {a: [] for a in arms}
+    cost = {a: {"seconds": 0.0, "unet_evaluations": 0, "class_sets": 0} for a in arms}
+    start = time.time()
+    for seed in args.seeds:
+        for subject in args.subjects:
+            rows = [("real photos", subject_photos(subject))]
+            for arm, name in zip(args.class_samplers, arms):
+                arm_flags = flags + sampler_flags(arm)
+                seconds, evaluations = make_class_images(train_args("prior", subject, seed, out, arm_flags, name))
+                if evaluations:
+                    cost[name]["seconds"] += seconds
+                    cost[name]["unet_evaluations"] += evaluations
+                    cost[name]["class_sets"] += 1
+                _, (result, subject_images, class_images) = run("prior", subject, seed, out, arm_flags,
+                                                                args.keep_runs, name)
+                scores[name].append(dict(result, subject=subject, seed=seed))
+                rows += [(f"{name} [V]", subject_images), (f"{name}: class", class_images)]
+                print(f"[{time.time() - start:6.0f}s] {subject} seed {seed} {name}: "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in result.items()), file=sys.stderr, flush=True)
+            columns = len(world.CONTEXTS)
+            labelled_grid([(label, images[:columns]) for label, images in rows]).save(
+                out / f"samplers-{subject}-seed{seed}.png")
+            yield scores, cost
+
+
+def seed_spread(runs, key):
+    """The spread over seeds alone: sqrt of the mean over subjects of each subject's variance
+    over its seeds (the table's ± also holds the larger spread between subjects)."""
+    by_subject = {}
+    for r in runs:
+        by_subject.setdefault(r["subject"], []).append(r[key])
+    variances = [statistics.variance(v) for v in by_subject.values() if len(v) > 1]
+    return statistics.fmean(variances) ** 0.5 if variances else float("nan")
+
+
+# Each metric's good direction: +1 higher is better, -1 lower is better.
+SAMPLER_METRICS = {"PRES": -1, "DIV": +1, "subject_fidelity": +1, "prompt_fidelity": +1}
+
+
+def sampler_table(scores, cost):
+    """Markdown: per arm the class images' cost and the scores; then each arm's paired
+    difference from the first arm, and whether it holds the first arm's outcome: no metric worse
+    by more than the first arm's seed spread."""
+    arms = list(scores)
+    reference = scores[arms[0]]
+    spread = {k: seed_spread(reference, k) for k in SAMPLER_METRICS}
+    lines = ["| class images | UNet evaluations per class set | s per class set | PRES (lower better) | "
+             "DIV (higher better) | subject fidelity | prompt fidelity |", "| --- |" + " --- |" * 6]
+    for arm in arms:
+        c = cost[arm]
+        per_set = c["unet_evaluations"] / max(c["class_sets"], 1)
+        lines.append(f"| {arm} | {per_set:.0f} | {c['seconds'] / max(c['class_sets'], 1):.1f} | "
+                     + " | ".join(summarise(r[k] for r in scores[arm]) for k in SAMPLER_METRICS) + " |")
+    lines += ["", f"| paired difference from {arms[0]} | PRES | DIV | subject fidelity | prompt fidelity | "
+                  f"holds {arms[0]}'s outcome |", "| --- |" + " --- |" * 5]
+    for arm in arms[1:]:
+        cells, holds = [], True
+        for k, sign in SAMPLER_METRICS.items():
+            diffs = [a[k] - b[k] for a, b in zip(scores[arm], reference)]
+            cells.append(f"{statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs) if len(diffs) > 1 else 0:.3f}")
+            holds &= sign * statistics.fmean(diffs) >= -spread[k]
+        verdict = "n/a (one seed: no seed spread)" if any(v != v for v in spread.values()) else "yes" if holds else "no"
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {verdict} |")
+    note = (f"mean ± std over {len(reference)} runs (subjects x seeds); paired: the same subject, seed and "
+            f"training noise, only the class images differ. Seed spread of {arms[0]} (within subjects): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in spread.items())
+            + "; holds = no metric's mean paired difference worse than that")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def sampler_main(args, out, flags):
+    """The comparison, its table rewritten after every seed and subject (samplers.md, .json)."""
+    start = time.time()
+    for scores, cost in compare_samplers(args, out, flags):
+        text = sampler_table(scores, cost)
+        minutes = (time.time() - start) / 60
+        runs = len(next(iter(scores.values())))
+        (out / "samplers.md").write_text(text + f"\n{runs} of {len(args.subjects) * len(args.seeds)} runs per arm "
+                                         f"({len(args.subjects)} subjects x {len(args.seeds)} seeds), {minutes:.1f} min\n")
+        (out / "samplers.json").write_text(json.dumps({"scores": scores, "cost": cost, "args": vars(args),
+                                                        "flags": flags, "minutes": minutes}, indent=2))
+    print(text)
+    print(f"wrote {out / 'samplers.md'} and the grids in {out} ({minutes:.1f} min)")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,6 +284,10 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="CI mode: one subject, one seed, short runs, few samples")
     p.add_argument("--keep_runs", action="store_true", help="keep each fine-tuned model folder")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--class_samplers", nargs="+", type=sampler_spec, metavar="SCHEDULER:STEPS",
+                   help="instead of Tables 3 and 4, compare class-image samplers: one prior-preservation "
+                        "fine-tuning per sampler (e.g. ddim:50 dpmpp_2m_karras:20; the first is the reference "
+                        "the others are compared with); writes samplers.md (default: off)")
     return p
 
 
@@ -157,6 +301,8 @@ def main(argv=None):
     if args.quick:
         args.subjects, args.seeds = args.subjects[:1], args.seeds[:1]
         flags, sizes = TOY_FLAGS + QUICK_FLAGS, dict(per_context=1, class_images=4, steps=10)
+    if args.class_samplers:
+        return sampler_main(args, out, flags)
     start = time.time()
     pretrained = load_pipeline("toy")
     scores = {c: [] for c in ("pretrained", *CONFIGS)}
@@ -172,7 +318,7 @@ def main(argv=None):
                 pretrained, dreambooth.INSTANCE_TEMPLATE.format(identifier=identifier, class_noun=noun),
                 class_prompt, photos, **sizes)
             scores["pretrained"].append(base)
-            rows.append((f"pretrained [V]", base_subject))
+            rows.append(("pretrained [V]", base_subject))
             class_rows = [(f"pretrained: {class_prompt}", base_class)]
             for config in CONFIGS:
                 used, (result, subject_images, class_images) = run(config, subject, seed, out, flags, args.keep_runs)
