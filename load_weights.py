@@ -88,6 +88,9 @@ class Pipeline:
     # embedding) and its tokenizer, which pads with "!"; None for SD 1.x/2.x.
     text_encoder_2: Optional[CLIPTextModelWithProjection] = None
     tokenizer_2: Optional[CLIPTokenizer] = None
+    # SDXL's model_index.json setting (diffusers' default: true): guidance's empty negative prompt
+    # is zeros (context and pooled), not the encoding of "". False for SD 1.x/2.x.
+    force_zeros_for_empty_prompt: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,6 +386,15 @@ def read_configs(folder):
     return raw, configs
 
 
+def force_zeros_for_empty_prompt(folder, configs):
+    """What the folder's model_index.json says for SDXL (true where it does not say, as in
+    diffusers' StableDiffusionXLPipeline); False for SD 1.x/2.x, whose pipeline has no such setting."""
+    if "text_encoder_2" not in configs:
+        return False
+    path = Path(folder) / "model_index.json"
+    return bool((_read_json(path) if path.is_file() else {}).get("force_zeros_for_empty_prompt", True))
+
+
 def tokenizer_names(configs):
     """The tokenizer folders a pipeline reads: tokenizer/, and tokenizer_2/ for SDXL."""
     return ["tokenizer", "tokenizer_2"] if "text_encoder_2" in configs else ["tokenizer"]
@@ -416,7 +428,8 @@ def load_folder(folder, *, dtype=torch.float32, device="cpu", variant=None, sour
             state = _text_encoder_keys(state)
         modules[name] = build_module(component.model, configs[name], state, what=name, dtype=dtype, device=device)
     return Pipeline(**read_tokenizers(folder, configs), scheduler=DDPMScheduler(configs["scheduler"]),
-                    source=str(source or folder), raw_configs=raw, **modules)
+                    source=str(source or folder), raw_configs=raw,
+                    force_zeros_for_empty_prompt=force_zeros_for_empty_prompt(folder, configs), **modules)
 
 
 def _hub_patterns(variant, ext):
@@ -693,7 +706,8 @@ def load_single_file(path, *, config=None, prediction_type=None, dtype=torch.flo
         configs["scheduler"] = dataclasses.replace(configs["scheduler"], prediction_type=prediction_type)
     modules = modules_from_original(path, checkpoint, configs, TEXT_PREFIXES[family], dtype=dtype, device=device)
     return Pipeline(**read_tokenizers(config, configs), scheduler=DDPMScheduler(configs["scheduler"]),
-                    source=str(path), raw_configs=raw, **modules)
+                    source=str(path), raw_configs=raw,
+                    force_zeros_for_empty_prompt=force_zeros_for_empty_prompt(config, configs), **modules)
 
 
 def modules_from_original(path, checkpoint, configs, text_prefix, *, dtype, device):
@@ -833,10 +847,10 @@ def model_index(pipeline):
     if pipeline.text_encoder_2 is None:
         return {"_class_name": "StableDiffusionPipeline", **index, "safety_checker": [None, None],
                 "requires_safety_checker": False}
-    # force_zeros_for_empty_prompt, as SDXL base says: an empty negative prompt is zeros, not its encoding
     return {"_class_name": "StableDiffusionXLPipeline", **index,
             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-            "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": True}
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "force_zeros_for_empty_prompt": pipeline.force_zeros_for_empty_prompt}
 
 
 def write_pipeline_files(pipeline, folder, fp16):

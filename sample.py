@@ -6,7 +6,9 @@ validation images call `generate` too).
 
 The steps, in order:
   1. Text: the prompts and the unconditional prompt (empty, or the negative prompt) become
-     token ids and then contexts c and c_uncond, [B, 77, D].
+     token ids and then contexts c and c_uncond, [B, 77, D]. SDXL (Podell et al., 2023) has two
+     text encoders, and its UNet also takes a pooled text embedding and the image size
+     (added_cond); an empty negative prompt is zeros there.
   2. Noise: N(0, I), [B, 4, H/8, W/8], scaled to the sampler's first noise level (x_T; the factor
      is 1 except for Euler). Image i is seeded with seed + i through its own CPU torch.Generator,
      which also draws its step noise (DDPM, DDIM with eta > 0, Euler ancestral), so an image
@@ -16,7 +18,8 @@ The steps, in order:
          eps = eps_uncond + w (eps_cond - eps_uncond)
      and the sampler (SCHEDULERS below, from schedulers.py) steps x_t -> x_prev. For v-prediction
      models the same formula applies to v; the sampler turns it into x_0 and eps.
-  4. Decode: x_0 / scaling_factor through the VAE decoder, [-1, 1] -> uint8 RGB.
+  4. Decode: x_0 / scaling_factor through the VAE decoder, [-1, 1] -> uint8 RGB (SDXL's VAE
+     in fp32, as it overflows in fp16).
 
 mixed_precision: "auto" runs under bf16 autocast on CUDA GPUs that support it (else fp16) and
 on CPU (bf16 matmuls are several times faster on CPUs with AMX / AVX512-BF16); "no" runs in the
@@ -30,6 +33,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -40,6 +44,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 import lora
+from clip_text import sdxl_text_conditioning
 from load_weights import DEFAULT_MODEL, LoadError, load_pipeline
 from schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralScheduler, randn
 
@@ -111,11 +116,60 @@ def warn_truncated(tokenizer, prompts: list[str]) -> None:
 
 
 def encode_prompts(pipeline, prompts: list[str]) -> torch.Tensor:
-    """Prompts -> the text context [B, 77, D]. A prompt longer than the tokenizer's 77 tokens is
-    cut there, and the words cut are named on stderr (warn_truncated)."""
+    """Prompts -> the text context [B, 77, D] (text_conditioning without SDXL's pooled embedding)."""
+    return text_conditioning(pipeline, prompts)[0]
+
+
+def text_conditioning(pipeline, prompts: list[str]):
+    """Prompts -> (context [B, 77, D], pooled [B, P] or None). SD 1.x/2.x: the text encoder's
+    output, and no pooled embedding. SDXL: both encoders (clip_text.sdxl_text_conditioning), the
+    context [B, 77, 768 + 1280] and the second encoder's pooled embedding [B, 1280]. A prompt
+    longer than the tokenizer's 77 tokens is cut there, and the words cut are named on stderr
+    (warn_truncated; SDXL's two tokenizers share the vocabulary, so they cut the same words)."""
     warn_truncated(pipeline.tokenizer, prompts)
     device = next(pipeline.text_encoder.parameters()).device
-    return pipeline.text_encoder(pipeline.tokenizer(prompts).to(device))
+    ids = pipeline.tokenizer(prompts).to(device)
+    if pipeline.text_encoder_2 is None:
+        return pipeline.text_encoder(ids), None
+    ids_2 = pipeline.tokenizer_2(prompts).to(device)  # padded with "!", not <|endoftext|>
+    return sdxl_text_conditioning(pipeline.text_encoder, pipeline.text_encoder_2, ids, ids_2)
+
+
+def negative_conditioning(pipeline, negative_prompt: str):
+    """text_conditioning of guidance's unconditional branch, [1, ...]: the negative prompt's. An
+    empty one is zeros where the model says force_zeros_for_empty_prompt (SDXL base): its
+    reference sampler gives the unconditional branch zero text embeddings, not those of ""."""
+    context, pooled = text_conditioning(pipeline, [negative_prompt])
+    if negative_prompt == "" and pipeline.force_zeros_for_empty_prompt:
+        return torch.zeros_like(context), torch.zeros_like(pooled)
+    return context, pooled
+
+
+def add_time_ids(original_size, crops_coords_top_left, target_size) -> torch.Tensor:
+    """SDXL's size conditioning (Podell et al., 2023, section 2.2), [1, 6]: the size the training
+    image had before it was resized, the top-left corner of its crop, and the size it was trained
+    at, each (height, width) in pixels. Sampling asks for an uncropped image that was already at
+    the size drawn: original = target = (height, width), crop (0, 0) (as diffusers does)."""
+    return torch.tensor([[*original_size, *crops_coords_top_left, *target_size]], dtype=torch.float32)
+
+
+def make_added_cond(pooled, height: int, width: int, batch_size: int):
+    """The UNet's added_cond for SDXL (unet.UNet.added_embedding): the pooled text embedding and
+    the size numbers, each [batch_size, ...]; None for SD 1.x/2.x (pooled None), whose UNet has none."""
+    if pooled is None:
+        return None
+    time_ids = add_time_ids((height, width), (0, 0), (height, width)).to(pooled.device)
+    return {"text_embeds": pooled.expand(batch_size, -1), "time_ids": time_ids.expand(batch_size, -1)}
+
+
+def cat_for_guidance(uncond, cond):
+    """[uncond; cond] on the batch, for one UNet pass over both: tensors, dicts of tensors (SDXL's
+    added_cond), or None."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {key: torch.cat([uncond[key], cond[key]]) for key in cond}
+    return torch.cat([uncond, cond])
 
 
 def make_sampler(pipeline, scheduler: str, eta: float = 0.0):
@@ -126,25 +180,29 @@ def make_sampler(pipeline, scheduler: str, eta: float = 0.0):
 
 
 @torch.inference_mode()
-def denoise(pipeline, context, uncond_context, latents, *, scheduler="ddim", steps=50,
-            guidance_scale=7.5, eta=0.0, generators=None, progress=True) -> torch.Tensor:
+def denoise(pipeline, context, uncond_context, latents, *, added_cond=None, uncond_added_cond=None,
+            scheduler="ddim", steps=50, guidance_scale=7.5, eta=0.0, generators=None,
+            progress=True) -> torch.Tensor:
     """Run the sampler from `latents` [B, 4, h, w], unit-variance noise, down to x_0, guided by
-    `context` and `uncond_context` [B, 77, D]; returns x_0 (scaled latents, fp32). `generators`:
+    `context` and `uncond_context` [B, 77, D] (and for SDXL by `added_cond` and
+    `uncond_added_cond`, see make_added_cond); returns x_0 (scaled latents, fp32). `generators`:
     one per image for the step noise (see schedulers.randn). guidance_scale 1 skips the
-    unconditional pass. The loop is the same for every sampler (schedulers.py's interface)."""
+    unconditional pass. The loop is the same for every sampler (schedulers.py's interface) and
+    every model."""
     sampler = make_sampler(pipeline, scheduler, eta)
     sampler.set_timesteps(steps)
     unet = pipeline.unet
     unet_dtype = next(unet.parameters()).dtype
     guided = guidance_scale != 1
-    if guided:
-        context = torch.cat([uncond_context, context])  # one UNet pass: [uncond; cond]
+    if guided:  # one UNet pass: [uncond; cond]
+        context = cat_for_guidance(uncond_context, context)
+        added_cond = cat_for_guidance(uncond_added_cond, added_cond)
     # x_T at the sampler's first noise level; the sampler's arithmetic stays in fp32 under autocast
     latents = latents.float() * sampler.init_noise_sigma
     for t in tqdm(sampler.timesteps, desc="steps", leave=False, disable=not progress):
         model_input = torch.cat([latents] * 2) if guided else latents
         model_input = sampler.scale_model_input(model_input, t)  # what the UNet was trained on: x_t
-        model_output = unet(model_input.to(unet_dtype), t, context).float()
+        model_output = unet(model_input.to(unet_dtype), t, context, added_cond=added_cond).float()
         if guided:
             output_uncond, output_cond = model_output.chunk(2)
             model_output = output_uncond + guidance_scale * (output_cond - output_uncond)
@@ -152,12 +210,26 @@ def denoise(pipeline, context, uncond_context, latents, *, scheduler="ddim", ste
     return latents
 
 
+def decodes_in_fp32(pipeline) -> bool:
+    """SDXL's VAE overflows in fp16 (its config says force_upcast): it decodes in fp32, whatever
+    the weights' and the autocast precision. diffusers reads force_upcast in its SDXL pipelines
+    only; SD 1.x/2.x VAEs (whose configs leave it at its default, true) decode in the sampling
+    precision, there and here."""
+    return pipeline.text_encoder_2 is not None and pipeline.vae.config.force_upcast
+
+
 @torch.inference_mode()
 def decode_images(pipeline, latents) -> list[Image.Image]:
     """Scaled latents [B, 4, h, w] -> B RGB images (VAE decode, [-1, 1] -> uint8)."""
     vae = pipeline.vae
+    fp32 = decodes_in_fp32(pipeline)
+    if fp32 and next(vae.parameters()).dtype != torch.float32:
+        with torch.inference_mode(False):  # ordinary tensors: the weights outlive this call
+            vae.float()  # once: the VAE stays in fp32 (SDXL's: 84 M numbers, 0.3 GB)
     latents = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
-    images = ((vae.decode(latents).float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    with torch.autocast(latents.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+        images = vae.decode(latents).float()
+    images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     # (B, 3, H, W) -> (B, H, W, 3) for PIL
     return [Image.fromarray(image.numpy()) for image in images.permute(0, 2, 3, 1).cpu()]
 
@@ -179,14 +251,16 @@ def generate(pipeline, prompts: list[str], *, negative_prompt: str = "", schedul
     latent_shape = (pipeline.unet.config.in_channels, height // vae_factor, width // vae_factor)
     images = []
     with autocast(device, mixed_precision), tqdm(total=len(prompts), desc="images", disable=not progress) as bar:
-        uncond = encode_prompts(pipeline, [negative_prompt])
+        uncond, uncond_pooled = negative_conditioning(pipeline, negative_prompt)
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
             seeds = [seed + start + i for i in range(len(batch))]
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             latents = randn((len(batch), *latent_shape), generators, device=device, dtype=torch.float32)
-            context = encode_prompts(pipeline, batch)
+            context, pooled = text_conditioning(pipeline, batch)
             latents = denoise(pipeline, context, uncond.expand(len(batch), -1, -1), latents,
+                              added_cond=make_added_cond(pooled, height, width, len(batch)),
+                              uncond_added_cond=make_added_cond(uncond_pooled, height, width, len(batch)),
                               scheduler=scheduler, steps=steps, guidance_scale=guidance_scale, eta=eta,
                               generators=generators, progress=progress)
             for image, prompt, image_seed in zip(decode_images(pipeline, latents), batch, seeds):
@@ -239,9 +313,6 @@ def load_model(model, *, loras=(), lora_scale=1.0, device="cpu", dtype=torch.flo
         except LoadError as e:
             raise LoadError(f"{model} is a LoRA for the base model {info['base_model']} (its dreambooth.json), "
                             f"which cannot be loaded: {e}") from None
-    if pipeline.text_encoder_2 is not None:
-        raise LoadError(f"{model} is an SDXL model: this project loads SDXL, but its sampler does not draw "
-                        "with it yet; use an SD 1.x or 2.x model")
     applied = ([(model, lora_scale)] if info else []) + list(loras)
     for path, scale in applied:
         try:
@@ -267,27 +338,62 @@ def subject_folder(model, lora_paths=()):
 # Command line
 
 
-def read_identifier(model: str):
-    """The DreamBooth identifier from `model`/dreambooth.json (written by train.py), or None."""
+IDENTIFIER_SLOT = re.compile(r"\[V(?::([^\]]*))?\]")  # [V], or [V:name]: the identifier of concept `name`
+
+
+def read_concepts(model: str):
+    """The concepts (subjects) a DreamBooth model was trained on, [{"name", "identifier",
+    "class_noun", ...}], from `model`/dreambooth.json (written by train.py), or None without one.
+    A dreambooth.json written before train.py took several concepts holds its one concept at the
+    top; its name is then its photos' folder name."""
     path = Path(model).expanduser() / "dreambooth.json"
     if not path.is_file():
         return None
     try:
-        identifier = json.loads(path.read_text())["identifier"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        info = json.loads(path.read_text())
+        concepts = info.get("concepts") or [{"name": Path(info.get("args", {}).get("instance_dir") or "").name,
+                                            "identifier": info["identifier"], "class_noun": info.get("class_noun")}]
+        if not all(isinstance(c["identifier"], str) and isinstance(c["name"], str) for c in concepts):
+            raise TypeError("an identifier or a concept name is not a string")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path} has no readable \"identifier\" ({e!r})") from None
-    return identifier
+    return concepts
+
+
+def read_identifier(model: str):
+    """The identifier of a one-concept DreamBooth model (its dreambooth.json), or None without one."""
+    concepts = read_concepts(model)
+    return None if concepts is None else fill_identifiers(["[V]"], concepts, model)[0]
+
+
+def fill_identifiers(prompts: list[str], concepts: list[dict], where: str) -> list[str]:
+    """Replace [V] with the identifier of the one concept, and [V:name] with the identifier of
+    the concept named `name` ({"name", "identifier"} dicts); a ValueError for a name `where` has
+    no concept of, or for a bare [V] when there are several concepts."""
+    identifiers = {c["name"]: c["identifier"] for c in concepts}
+    names = ", ".join(identifiers)
+
+    def identifier(slot):
+        name = slot.group(1)
+        if name is None and len(concepts) > 1:
+            raise ValueError(f"{where} has {len(concepts)} concepts ({names}), so [V] does not say which: write "
+                             f"[V:name], e.g. [V:{concepts[0]['name']}]")
+        if name is not None and name not in identifiers:
+            raise ValueError(f"[V:{name}]: {where} has no concept named {name!r} (its concepts: {names})")
+        return concepts[0]["identifier"] if name is None else identifiers[name]
+    return [IDENTIFIER_SLOT.sub(identifier, p) for p in prompts]
 
 
 def fill_identifier(prompts: list[str], model: str) -> list[str]:
-    """Replace "[V]" in the prompts with the identifier the DreamBooth model was trained with."""
-    if not any("[V]" in p for p in prompts):
+    """Replace [V] (a model of one subject) and [V:name] (any of its subjects, by name) in the
+    prompts with the identifiers the DreamBooth model was trained with."""
+    if not any(IDENTIFIER_SLOT.search(p) for p in prompts):
         return prompts
-    identifier = read_identifier(model)
-    if identifier is None:
+    concepts = read_concepts(model)
+    if concepts is None:
         raise ValueError(f"a prompt contains [V], but {model} has no dreambooth.json: it is not a "
                          "DreamBooth output of train.py. Write the identifier into the prompt yourself.")
-    return [p.replace("[V]", identifier) for p in prompts]
+    return fill_identifiers(prompts, concepts, model)
 
 
 def grid(images: list[Image.Image], rows: int) -> Image.Image:
@@ -351,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_scale", type=float, default=1.0,
                    help="strength of the LoRA of a LoRA output folder given as --model")
     p.add_argument("--prompt", action="append", default=[],
-                   help="repeatable; [V] is replaced by the identifier in the model's dreambooth.json "
-                        "(default: none; give --prompt or --prompts_file)")
+                   help="repeatable; [V] is replaced by the identifier in the model's dreambooth.json, [V:name] "
+                        "by that of its concept `name` (a model of several) (default: none; give --prompt or "
+                        "--prompts_file)")
     p.add_argument("--prompts_file", help="a text file with one prompt per line (default: none)")
     p.add_argument("--negative_prompt", default="",
                    help="the prompt guidance steers away from (default: empty, the unconditional prompt)")

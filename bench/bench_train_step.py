@@ -315,7 +315,8 @@ def report(raw, args):
                   f"{100 * tf / raw['matmul_tflops']['bf16']:.0f}% of this run's bf16 matmul throughput "
                   f"({raw['matmul_tflops']['bf16']:.2f} TFLOP/s; fp32 {raw['matmul_tflops']['fp32']:.3f})")
         losses = {s: ", ".join(f"{v:.4f}" for v in raw["losses"][s]) for s in (first, second)}
-        print("losses in the timing process (shared weights, so not a same-seed comparison): "
+        how = "two pipelines" if args.lora_rank else "shared weights"
+        print(f"losses in the timing process ({how}, so not a same-seed comparison): "
               + "; ".join(f"{s}: {v}" for s, v in losses.items()))
 
 

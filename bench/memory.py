@@ -1,6 +1,6 @@
 """Memory accounting of a DreamBooth step for a GPU user, and the 16 GB mode's loss curve.
 
-    python bench/memory.py                          # the accounting table
+    python bench/memory.py                          # the accounting table, full fine-tuning and LoRA
     python bench/memory.py --loss-steps 20 --instance-dir DATASET/dog --class-dir DATASET/dog2
                                                     # + same-seed loss curves, default vs --low_memory
 
@@ -12,7 +12,8 @@ bf16 autocast, AdamW. What a GPU has to hold during a step is
               bf16 weight copies, temporaries, and the gradients once they exist)
 
 - Weights, gradients, optimizer state and frozen modules: exact arithmetic from the parameter
-  counts of the full-size SD 1.5 modules, built on the meta device (no memory, no compute).
+  counts of the full-size SD 1.5 modules, built on the meta device (no memory, no compute); for
+  the steps run by train.py itself, counted from the tensors of its trained pipeline.
 - The peak of created tensors: measured by running the step for real on this CPU with
   common.LiveTensors (every storage an operation allocates, and its release): what a CUDA
   caching allocator must hold for them, less its rounding and fragmentation. Gradients are told
@@ -20,8 +21,14 @@ bf16 autocast, AdamW. What a GPU has to hold during a step is
   alone. Not counted: the CUDA context (~0.3-0.5 GB), cuDNN / cuBLAS workspaces, fragmentation.
 The measurement runs ours and diffusers' UNets (the same parameter objects) with and without
 gradient checkpointing, diffusers' VAE encoding the two images (its trainer does so every step),
-and one full step of train.py's memory mode, run by train.py's own make_trainer and train_step
-(optim.AdamW with bf16 moments: its per-parameter fp32 working copies are counted).
+and steps of train.py itself, run by its own load_for_training, TrainingData, make_trainer and
+train_step on two random 512 px photos: the memory mode (optim.AdamW with bf16 moments: its
+per-parameter fp32 working copies are counted) and DreamBooth-LoRA (--lora_rank, the default
+attention targets: fp32 adapters and their AdamW state, the frozen UNet in bf16) at each rank of
+--lora-ranks with --cache_latents --gradient_checkpointing, and at the first rank also with
+--cache_latents alone and with neither (then the VAE and text encoder stay on the GPU and the
+VAE encodes both photos every step, inside the measured step). LoRA's totals are then compared
+with the full fine-tune's with the same other flags.
 
 --loss-steps N runs train.py itself twice on the SD 1.5-size random pipeline (same seed, data,
 noise and timesteps), `--cache_latents` and `--low_memory`, on the photos of --instance-dir with
@@ -104,8 +111,6 @@ def measure_train_step(folder, photos, flags):
     tensors it creates, and within it the peak of next_batch alone (the per-step VAE encode
     without --cache_latents). Counted from the trained pipeline: the bytes held between steps,
     i.e. the trainable weights, the frozen weights left on the GPU and the optimizer state."""
-    import torch
-
     import sample
     import train
 
@@ -132,9 +137,10 @@ def measure_train_step(folder, photos, flags):
     frozen = [p for p in pipeline.unet.parameters() if not p.requires_grad]  # a LoRA run's base weights
     if not args.cache_latents:  # else the VAE and text encoder leave the GPU after caching (encode_all)
         frozen += [*pipeline.vae.parameters(), *pipeline.text_encoder.parameters()]
-    return dict(peak=meter.peak, encode_peak=running_peak(meter.events[:encode_events]), trainable=nbytes(trainer.parameters),
-                trainable_count=sum(p.numel() for p in trainer.parameters), frozen=nbytes(frozen),
-                state=nbytes(v for s in trainer.optimizer.state.values() for k, v in s.items() if k != "step"))
+    state = [v for s in trainer.optimizer.state.values() for k, v in s.items() if k != "step"]
+    return dict(peak=meter.peak, encode_peak=running_peak(meter.events[:encode_events]),
+                trainable=nbytes(trainer.parameters), trainable_count=sum(p.numel() for p in trainer.parameters),
+                frozen=nbytes(frozen), state=nbytes(state))
 
 
 def running_peak(events):

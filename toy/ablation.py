@@ -177,6 +177,25 @@ def compare_samplers(args, out, flags):
             yield scores, cost
 
 
+def class_set_distances(out, arms):
+    """Per arm: its class images against the first arm's, image i with image i (the same seed,
+    so the same starting noise), as the mean pixel distance |a - b| / 255 over every class set
+    both have; and the DIV of its own class images. A sampler that solves the same ODE as the
+    first arm lands near the same images; a stochastic one draws other samples of the class."""
+    root = out / "class_images"
+    first, result = arms[0], {}
+    for arm in arms:
+        same_seed, div = [], []
+        for folder in sorted(p for p in (root / arm).iterdir() if (root / first / p.name).is_dir()):
+            images = [Image.open(q).convert("RGB") for q in dreambooth.list_images(folder)]
+            references = [Image.open(q).convert("RGB") for q in dreambooth.list_images(root / first / folder.name)]
+            same_seed += [float(abs(metrics.pixels(a) - metrics.pixels(b)).mean()) / 255
+                          for a, b in zip(images, references)]
+            div.append(metrics.div(images))
+        result[arm] = {"same_seed_distance": statistics.fmean(same_seed), "class_DIV": statistics.fmean(div)}
+    return result
+
+
 def seed_spread(runs, key):
     """The spread over seeds alone: sqrt of the mean over subjects of each subject's variance
     over its seeds (the table's ± also holds the larger spread between subjects)."""
@@ -191,19 +210,22 @@ def seed_spread(runs, key):
 SAMPLER_METRICS = {"PRES": -1, "DIV": +1, "subject_fidelity": +1, "prompt_fidelity": +1}
 
 
-def sampler_table(scores, cost):
-    """Markdown: per arm the class images' cost and the scores; then each arm's paired
-    difference from the first arm, and whether it holds the first arm's outcome: no metric worse
-    by more than the first arm's seed spread."""
+def sampler_table(scores, cost, distances):
+    """Markdown: per arm the class images' cost, their distance from the first arm's
+    (class_set_distances) and the scores after fine-tuning; then each arm's paired difference
+    from the first arm, and whether it holds the first arm's outcome: no metric worse by more
+    than the first arm's seed spread."""
     arms = list(scores)
     reference = scores[arms[0]]
     spread = {k: seed_spread(reference, k) for k in SAMPLER_METRICS}
-    lines = ["| class images | UNet evaluations per class set | s per class set | PRES (lower better) | "
-             "DIV (higher better) | subject fidelity | prompt fidelity |", "| --- |" + " --- |" * 6]
+    lines = ["| class images | UNet evaluations per class set | s per class set | class images: same-seed "
+             f"distance from {arms[0]}'s, their DIV | PRES (lower better) | DIV (higher better) | subject fidelity | "
+             "prompt fidelity |", "| --- |" + " --- |" * 7]
     for arm in arms:
-        c = cost[arm]
+        c, d = cost[arm], distances[arm]
         per_set = c["unet_evaluations"] / max(c["class_sets"], 1)
         lines.append(f"| {arm} | {per_set:.0f} | {c['seconds'] / max(c['class_sets'], 1):.1f} | "
+                     f"{d['same_seed_distance']:.3f}, {d['class_DIV']:.3f} | "
                      + " | ".join(summarise(r[k] for r in scores[arm]) for k in SAMPLER_METRICS) + " |")
     lines += ["", f"| paired difference from {arms[0]} | PRES | DIV | subject fidelity | prompt fidelity | "
                   f"holds {arms[0]}'s outcome |", "| --- |" + " --- |" * 5]
@@ -226,7 +248,7 @@ def sampler_main(args, out, flags):
     """The comparison, its table rewritten after every seed and subject (samplers.md, .json)."""
     start = time.time()
     for scores, cost in compare_samplers(args, out, flags):
-        text = sampler_table(scores, cost)
+        text = sampler_table(scores, cost, class_set_distances(out, list(scores)))
         minutes = (time.time() - start) / 60
         runs = len(next(iter(scores.values())))
         (out / "samplers.md").write_text(text + f"\n{runs} of {len(args.subjects) * len(args.seeds)} runs per arm "
@@ -277,10 +299,11 @@ def labelled_grid(rows, scale=2, label_width=130):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=sample.DefaultsHelpFormatter)
     p.add_argument("--out", default="toy-ablation", help="folder for the table, the grids and the runs")
-    p.add_argument("--subjects", nargs="+", default=list(world.SUBJECTS), choices=list(world.SUBJECTS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--subjects", nargs="+", default=list(world.SUBJECTS), choices=list(world.SUBJECTS),
+                   help="the subjects to fine-tune on")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="train.py --seed values, per subject")
     p.add_argument("--quick", action="store_true", help="CI mode: one subject, one seed, short runs, few samples")
     p.add_argument("--keep_runs", action="store_true", help="keep each fine-tuned model folder")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")

@@ -1,0 +1,1 @@
+"""Exercise 6: a LoRA layer: handout.md, starter.py, grader.py."""
