@@ -13,6 +13,10 @@ Given 3-5 photos of a subject, fine-tune every UNet weight of a text-to-image mo
      plus lambda times the same loss on the class images, which keeps the class prior (and the
      diversity of its samples) from drifting towards the subject ("language drift").
 
+Practitioners' additions, each off by default and marked where it lives: a caption per photo
+(section 2), min-SNR loss weighting (section 5). Offset noise and several subjects in one run are
+train.py's (they are about drawing the batches).
+
 train.py turns these parts into a command-line trainer (optimizer, mixed precision, checkpoints).
 """
 import random
@@ -60,9 +64,11 @@ def rare_token_candidates(tokenizer, merge_ranks=None, max_letters=3):
     return [word for _, word in sorted(candidates)]
 
 
-def choose_identifier(tokenizer, class_noun, *, seed=0, num_tokens=1, merge_ranks=None):
-    """Sample `num_tokens` rare tokens (seeded, so a run is repeatable) and join them into [V]."""
-    candidates = [w for w in rare_token_candidates(tokenizer, merge_ranks) if w not in class_noun.lower().split()]
+def choose_identifier(tokenizer, class_noun, *, seed=0, num_tokens=1, merge_ranks=None, exclude=()):
+    """Sample `num_tokens` rare tokens (seeded, so a run is repeatable) and join them into [V].
+    exclude: words not to draw (the identifiers and class nouns of a run's other subjects)."""
+    taken = set(class_noun.lower().split()) | {w.lower() for words in exclude for w in words.split()}
+    candidates = [w for w in rare_token_candidates(tokenizer, merge_ranks) if w not in taken]
     if len(candidates) < num_tokens:
         raise ValueError(f"only {len(candidates)} rare tokens in merge ranks "
                          f"{merge_ranks or rare_merge_ranks(tokenizer)}: widen the range")
@@ -111,6 +117,33 @@ CLASS_TEMPLATE = "a photo of {class_noun}"
 def make_prompts(identifier, class_noun, instance_template=INSTANCE_TEMPLATE, class_template=CLASS_TEMPLATE):
     return (instance_template.format(identifier=identifier, class_noun=class_noun),
             class_template.format(identifier=identifier, class_noun=class_noun))
+
+
+# A caption per photo (common practice after the paper, e.g. kohya-ss/sd-scripts' caption files):
+# photo.txt beside photo.jpg holds that photo's instance prompt, [V] standing for the identifier,
+# e.g. "a photo of [V] dog on the sofa". Words for what else a photo shows (the sofa, the night)
+# give those parts of the image a name of their own, so that [V] binds to the subject rather than
+# to its usual surroundings. A photo without a caption, or with an empty one, uses the template.
+
+IDENTIFIER_SLOT = "[V]"
+
+
+def read_caption(image_path):
+    """The caption beside an image (photo.jpg -> photo.txt), its whitespace collapsed to single
+    spaces, or None when there is none or it is empty."""
+    path = Path(image_path).with_suffix(".txt")
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"caption {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    return " ".join(text.split()) or None
+
+
+def caption_prompt(caption, identifier):
+    """A caption as the prompt it trains: [V] replaced by the identifier."""
+    return caption.replace(IDENTIFIER_SLOT, identifier)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,15 +330,42 @@ class LatentDistribution:
 # written, as Stable Diffusion is trained, as a noise (or velocity) prediction loss on VAE latents:
 # the first term fits the subject's latents under "a photo of [V] dog", the second the class
 # images' latents under "a photo of dog". Both halves go through the UNet as ONE batch.
+#
+# Min-SNR weighting (optional; Hang et al., 2023, "Efficient Diffusion Training via Min-SNR
+# Weighting Strategy", arXiv 2303.09556): the timesteps' losses pull the weights in conflicting
+# directions, and the nearly noise-free ones, easy but numerous, dominate. The paper weights the
+# x_0 loss of timestep t by min(SNR(t), gamma), SNR(t) = abar_t / (1 - abar_t), which caps the
+# weight of the low-noise steps (gamma = 5 is the paper's and diffusers' choice). Written for the
+# target the model predicts (an eps loss is SNR times the x_0 loss, a v loss SNR + 1 times):
+#
+#   w_t = min(SNR(t), gamma) / SNR(t)         eps targets
+#   w_t = min(SNR(t), gamma) / (SNR(t) + 1)   v targets
+#   w_t = min(SNR(t), gamma)                  x_0 targets
+#
+# and applied to both terms of Eq. 2: each sample's MSE times its w_t, then the mean over samples.
+
+
+def min_snr_weights(noise_schedule, timesteps, gamma):
+    """The min-SNR-gamma weight w_t of each timestep [B] for the schedule's prediction type (above)."""
+    alpha_bar = noise_schedule.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    clamped = torch.clamp(snr, max=gamma)
+    kind = noise_schedule.config.prediction_type
+    if kind == "epsilon":
+        return clamped / snr
+    if kind == "v_prediction":
+        return clamped / (snr + 1)
+    return clamped  # "sample": the model predicts x_0
 
 
 def prior_preservation_loss(unet, noise_schedule, instance_latents, instance_context,
                             class_latents=None, class_context=None, prior_loss_weight=1.0, *,
-                            noise=None, timesteps=None, generator=None):
+                            noise=None, timesteps=None, generator=None, snr_gamma=None):
     """Returns (loss, instance_loss, prior_loss); prior_loss is 0 without class latents.
     latents: scaled VAE latents [B, 4, h, w]; context: text-encoder output [B, 77, D].
     noise and timesteps (for the instance then the class latents) are drawn from `generator`
-    unless given: train.py draws them itself so that every GPU sees the same random stream."""
+    unless given: train.py draws them itself so that every GPU sees the same random stream.
+    snr_gamma: min-SNR weighting of both terms (above); None: the plain MSE of Eq. 2."""
     latents, context = instance_latents, instance_context
     if class_latents is not None:
         latents = torch.cat([instance_latents, class_latents])
@@ -320,11 +380,17 @@ def prior_preservation_loss(unet, noise_schedule, instance_latents, instance_con
     noisy_latents = noise_schedule.add_noise(latents, noise, timesteps)
     prediction = unet(noisy_latents, timesteps, context).float()
     target = noise_schedule.training_target(latents, noise, timesteps).float()  # e, or v for v-models
-    n = instance_latents.shape[0]
-    instance_loss = F.mse_loss(prediction[:n], target[:n])
-    if class_latents is None:
+    n, prior = instance_latents.shape[0], class_latents is not None
+    if snr_gamma is None:  # Eq. 2 as written: the mean squared error of each term
+        instance_loss = F.mse_loss(prediction[:n], target[:n])
+        prior_loss = F.mse_loss(prediction[n:], target[n:]) if prior else None
+    else:  # each sample's MSE [B] times its w_t, then the mean of each term
+        weights = min_snr_weights(noise_schedule, timesteps, snr_gamma)
+        weighted = (prediction - target).square().mean(dim=tuple(range(1, prediction.ndim))) * weights
+        instance_loss = weighted[:n].mean()
+        prior_loss = weighted[n:].mean() if prior else None
+    if not prior:
         return instance_loss, instance_loss.detach(), torch.zeros((), device=latents.device)
-    prior_loss = F.mse_loss(prediction[n:], target[n:])
     return instance_loss + prior_loss_weight * prior_loss, instance_loss.detach(), prior_loss.detach()
 
 

@@ -294,6 +294,9 @@ def build_parser():
     p.add_argument("--lora_scale", type=float, default=1.0,
                    help="strength of the LoRA of a LoRA output folder given as --model")
     p.add_argument("--instance_dir", help="the subject's real photos (default: none; needed unless --compare)")
+    p.add_argument("--concept", metavar="NAME",
+                   help="the subject to evaluate, by name, in a model trained on several (train.py --concepts) "
+                        "(default: the model's one subject)")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                    help="print two evaluation JSONs side by side (no generation) (default: none)")
     p.add_argument("--out", help="JSON path (default: MODEL/evaluation.json)")
@@ -336,15 +339,27 @@ def read_result(parser, path):
     return result
 
 
-def read_dreambooth_json(parser, model):
+def read_dreambooth_json(parser, args):
+    """(identifier, class noun) of the subject evaluated: the one concept of the model (or of its
+    first --lora folder with a dreambooth.json), or with several the one --concept names."""
+    model, concept = sample.subject_folder(args.model, [p for p, _ in args.lora]), args.concept
     path = Path(model) / "dreambooth.json"
     if not path.is_file():
         parser.error(f"{path} is missing: --model must be an output folder of train.py (or --lora one)")
     try:
-        info = json.loads(path.read_text())
-        return info["identifier"], info["class_noun"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        parser.error(f"{path} has no readable \"identifier\" and \"class_noun\" ({e!r})")
+        concepts = sample.read_concepts(model)
+    except ValueError as e:
+        parser.error(str(e))
+    names = [c["name"] for c in concepts]
+    if concept is None and len(concepts) > 1:
+        parser.error(f"{model} was trained on {len(concepts)} concepts ({', '.join(names)}): choose the one to "
+                     "evaluate with --concept NAME (and its photos with --instance_dir)")
+    if concept is not None and concept not in names:
+        parser.error(f"--concept {concept}: {model} has no concept of that name (its concepts: {', '.join(names)})")
+    chosen = concepts[names.index(concept) if concept is not None else 0]
+    if not isinstance(chosen.get("class_noun"), str):
+        parser.error(f"{path} has no readable \"class_noun\"")
+    return chosen["identifier"], chosen["class_noun"]
 
 
 def check_args(parser, args):
@@ -381,7 +396,7 @@ def main(argv=None):
         print(format_comparison(a, b))
         return 0
     check_args(parser, args)
-    identifier, class_noun = read_dreambooth_json(parser, sample.subject_folder(args.model, [p for p, _ in args.lora]))
+    identifier, class_noun = read_dreambooth_json(parser, args)
     try:
         real_paths = dreambooth.list_images(args.instance_dir)
         real_images = [dreambooth.open_rgb(p) for p in real_paths]

@@ -495,9 +495,9 @@ def main(argv=None) -> int:
         prompts = fill_identifier(prompts, subject_folder(args.model, [path for path, _ in loras]))
         # Sampling only: weights in the autocast precision. Under autocast, frozen fp32 weights
         # would be cast again at every UNet call (bench/README.md, Sampling).
-        half = autocast_dtype(torch.device(args.device), args.mixed_precision)
+        weights_dtype = autocast_dtype(torch.device(args.device), args.mixed_precision) or torch.float32
         pipeline = load_model(args.model, loras=loras, lora_scale=args.lora_scale, device=args.device,
-                              dtype=half or torch.float32, prediction_type=args.prediction_type)
+                              dtype=weights_dtype, prediction_type=args.prediction_type)
         image_size(pipeline, args.height, args.width)
         check_writable_folder("--out_dir", args.out_dir)  # before the work, so no image is made to be lost
     except (ValueError, LoadError) as e:

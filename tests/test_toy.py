@@ -151,3 +151,32 @@ def test_ablation_quick_mode(tmp_path):
     assert "Table 3" in table and "Table 4" in table and "wrong class noun" in table
     assert len(list(tmp_path.glob("grid-*.png"))) == 1
     assert not any((tmp_path / "runs").iterdir())  # the fine-tuned models are removed after scoring
+
+
+def test_ablation_lora_mode(tmp_path, toy):
+    """--lora: full fine-tuning and LoRA side by side, from the same class images and identifier;
+    the LoRA arm trains r (in + out) numbers per adapted layer and writes far less."""
+    assert ablation.main(["--quick", "--lora", "4", "--keep_runs", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "lora.json").read_text())
+    assert list(result["scores"]) == ["pretrained", "full", "lora-r4"]
+    for runs in result["scores"].values():
+        assert len(runs) == 1
+        assert all(np.isfinite(runs[0][k]) for k in ("PRES", "DIV", "subject_fidelity", "prompt_fidelity"))
+    full, lora_run = result["scores"]["full"][0], result["scores"]["lora-r4"][0]
+    adapted = [m for name, m in toy.unet.named_modules() if name.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    assert lora_run["trained_numbers"] == sum(4 * (m.in_features + m.out_features) for m in adapted)
+    assert full["trained_numbers"] == sum(p.numel() for p in toy.unet.parameters())
+    assert lora_run["weight_files"] == 2 and lora_run["weight_bytes"] * 10 < full["weight_bytes"]
+    assert full["identifier"] == lora_run["identifier"]
+    runs = {p.name: json.loads((p / "dreambooth.json").read_text()) for p in (tmp_path / "runs").iterdir()}
+    full_info, lora_info = runs["bee_square-prior-full-seed0"], runs["bee_square-prior-lora-r4-seed0"]
+    assert "lora" not in full_info and full_info["args"]["lr"] == train.TOY_RECIPE["lr"]
+    assert lora_info["lora"]["rank"] == 4 and lora_info["args"]["lr"] == ablation.LORA_LR
+    assert full_info["args"]["class_dir"] == lora_info["args"]["class_dir"]  # the same class images
+    table = (tmp_path / "lora.md").read_text()
+    assert f"| lora-r4 | {lora_run['trained_numbers']:,} | 0." in table  # under 1 MB of adapters
+    assert "paired difference from full" in table and (tmp_path / "lora-bee_square-seed0.png").is_file()
+    for bad in (["--lora", "0"], ["--lora", "4", "--class_samplers", "ddim:5"], ["--lora", "4", "--lora_lr", "0"]):
+        with pytest.raises(SystemExit) as stopped:
+            ablation.main(bad + ["--out", str(tmp_path / "bad")])
+        assert stopped.value.code == 2

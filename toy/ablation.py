@@ -32,6 +32,7 @@ subject fidelity per sampler, and each arm's paired difference from the first ar
 """
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, when run as a script
 
@@ -80,29 +82,42 @@ def evaluate(pipeline, instance_prompt, class_prompt, photos, *, per_context=4, 
     return scores, subject_samples[::per_context], class_samples
 
 
-def train_args(config, subject, seed, out, flags, arm=""):
+def train_args(config, subject, seed, out, flags, arm="", class_set=None):
     """train.py's argv for one run. `arm` (a class-image sampler, e.g. "ddim-50") gives the run
-    folder and the class images a name of their own."""
+    folder a name of their own, and the class images too unless `class_set` names theirs
+    ("": the class images every arm shares)."""
     noun = world.SUBJECTS[subject].noun
     name = f"{subject}-{config}-{arm}-seed{seed}" if arm else f"{subject}-{config}-seed{seed}"
     argv = [*flags, "--instance_dir", str(SUBJECTS_DIR / subject), "--seed", str(seed),
             "--output_dir", str(out / "runs" / name)]
     if config == "prior":
-        return argv + ["--class_noun", noun, "--class_dir", str(out / "class_images" / arm / noun)]
+        class_dir = out / "class_images" / (arm if class_set is None else class_set) / noun
+        return argv + ["--class_noun", noun, "--class_dir", str(class_dir)]
     argv += ["--no_prior_preservation"]
     if config == "no_class":  # the class noun is only used to check the identifier against
         return argv + ["--class_noun", noun, "--instance_template", "a photo of {identifier}"]
     return argv + ["--class_noun", WRONG_CLASS[noun] if config == "wrong_class" else noun]
 
 
-def run(config, subject, seed, out, flags, keep=False, arm=""):
-    argv = train_args(config, subject, seed, out, flags, arm)
+def fine_tune(argv):
+    """Run train.py with argv; returns its output folder and dreambooth.json."""
     if train.main(argv) != 0:
         raise RuntimeError(f"train.py failed: {argv}")
     folder = Path(argv[argv.index("--output_dir") + 1])
-    info = json.loads((folder / "dreambooth.json").read_text())
-    result = evaluate(load_pipeline(folder), info["instance_prompt"],
-                      dreambooth.CLASS_TEMPLATE.format(class_noun=world.SUBJECTS[subject].noun), subject_photos(subject))
+    return folder, json.loads((folder / "dreambooth.json").read_text())
+
+
+def score(folder, info, subject, **sizes):
+    """evaluate() on a train.py output folder: a fine-tuned model, or a LoRA merged into its base
+    model (sample.load_model reads which from dreambooth.json)."""
+    class_prompt = dreambooth.CLASS_TEMPLATE.format(class_noun=world.SUBJECTS[subject].noun)
+    return evaluate(sample.load_model(str(folder)), info["instance_prompt"], class_prompt, subject_photos(subject),
+                    **sizes)
+
+
+def run(config, subject, seed, out, flags, keep=False, arm=""):
+    folder, info = fine_tune(train_args(config, subject, seed, out, flags, arm))
+    result = score(folder, info, subject)
     if not keep:
         shutil.rmtree(folder)
     return info["identifier"], result
@@ -227,8 +242,23 @@ def sampler_table(scores, cost, distances):
         lines.append(f"| {arm} | {per_set:.0f} | {c['seconds'] / max(c['class_sets'], 1):.1f} | "
                      f"{d['same_seed_distance']:.3f}, {d['class_DIV']:.3f} | "
                      + " | ".join(summarise(r[k] for r in scores[arm]) for k in SAMPLER_METRICS) + " |")
-    lines += ["", f"| paired difference from {arms[0]} | PRES | DIV | subject fidelity | prompt fidelity | "
-                  f"holds {arms[0]}'s outcome |", "| --- |" + " --- |" * 5]
+    lines += ["", *paired_differences(scores)]
+    note = (f"mean ± std over {len(reference)} runs (subjects x seeds); paired: the same subject, seed and "
+            f"training noise, only the class images differ. Seed spread of {arms[0]} (within subjects): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in spread.items())
+            + "; holds = no metric's mean paired difference worse than that")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def paired_differences(scores):
+    """Markdown rows: each arm's mean ± std paired difference from the first arm (the same subject
+    and seed), and whether it holds the first arm's outcome: no metric worse by more than the
+    first arm's seed spread."""
+    arms = list(scores)
+    reference = scores[arms[0]]
+    spread = {k: seed_spread(reference, k) for k in SAMPLER_METRICS}
+    lines = [f"| paired difference from {arms[0]} | PRES | DIV | subject fidelity | prompt fidelity | "
+             f"holds {arms[0]}'s outcome |", "| --- |" + " --- |" * 5]
     for arm in arms[1:]:
         cells, holds = [], True
         for k, sign in SAMPLER_METRICS.items():
@@ -237,11 +267,7 @@ def sampler_table(scores, cost, distances):
             holds &= sign * statistics.fmean(diffs) >= -spread[k]
         verdict = "n/a (one seed: no seed spread)" if any(v != v for v in spread.values()) else "yes" if holds else "no"
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {verdict} |")
-    note = (f"mean ± std over {len(reference)} runs (subjects x seeds); paired: the same subject, seed and "
-            f"training noise, only the class images differ. Seed spread of {arms[0]} (within subjects): "
-            + ", ".join(f"{k} {v:.3f}" for k, v in spread.items())
-            + "; holds = no metric's mean paired difference worse than that")
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    return lines
 
 
 def sampler_main(args, out, flags):
@@ -261,13 +287,137 @@ def sampler_main(args, out, flags):
 
 
 # ----------------------------------------------------------------------------------------------
+# LoRA vs full fine-tuning (--lora RANK ...)
+
+# The LoRA arms' learning rate. train.TOY_RECIPE's 2e-4 is full fine-tuning's; LoRA trains 1-2 % of
+# the numbers, from B = 0, and wants more: measured on seed 10, which the comparison does not use
+# (toy/README.md).
+LORA_LR = 1e-3
+
+
+def lora_arms(ranks, lr):
+    """[(name, train.py flags added to the toy recipe's)]: full fine-tuning, then a LoRA per rank."""
+    return [("full", [])] + [(f"lora-r{r}", ["--lora_rank", str(r), "--lr", f"{lr:g}"]) for r in ranks]
+
+
+def output_weights(folder, info):
+    """What a run leaves to use: the bytes of its weight files and the numbers it trained. A full
+    fine-tune's weight files are the whole model (UNet, VAE, text encoder) and it trained the UNet;
+    a LoRA's are its adapters, twice (diffusers' and kohya's formats), counted once."""
+    if "lora" in info:
+        files = [folder / name for name in info["lora"]["files"].values()]
+        trained = folder / info["lora"]["files"]["diffusers"]
+    else:
+        files = sorted(folder.rglob("*.safetensors"))
+        trained = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    with safe_open(trained, "pt") as f:
+        numbers = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return {"weight_bytes": sum(p.stat().st_size for p in files), "weight_files": len(files),
+            "trained_numbers": numbers}
+
+
+def lora_run(arm, subject, seed, out, flags, keep, sizes):
+    """One fine-tuning of the comparison: (its record: scores, output weights, training seconds;
+    its [V] images; its class images)."""
+    name, extra = arm
+    start = time.perf_counter()
+    folder, info = fine_tune(train_args("prior", subject, seed, out, flags + extra, name, class_set=""))
+    seconds = time.perf_counter() - start
+    result, subject_images, class_images = score(folder, info, subject, **sizes)
+    record = dict(result, **output_weights(folder, info), train_seconds=seconds, identifier=info["identifier"])
+    if not keep:
+        shutil.rmtree(folder)
+    return record, subject_images, class_images
+
+
+def compare_lora(args, out, flags, sizes):
+    """Per seed and subject: the pretrained model, full fine-tuning, and a LoRA per rank of
+    args.lora, every fine-tuning with prior preservation from the same class images (made first)
+    and with the same identifier, data order and training noise: the arms differ in what trains
+    and its learning rate. Yields scores[arm] = list of records after each seed and subject."""
+    pretrained = load_pipeline("toy")
+    arms = lora_arms(args.lora, args.lora_lr)
+    scores = {name: [] for name in ("pretrained", *(name for name, _ in arms))}
+    start = time.time()
+    for seed in args.seeds:
+        for subject in args.subjects:
+            noun, photos = world.SUBJECTS[subject].noun, subject_photos(subject)
+            identifier = dreambooth.choose_identifier(pretrained.tokenizer, noun, seed=seed)  # as train.py draws it
+            make_class_images(train_args("prior", subject, seed, out, flags, class_set=""))  # not timed as training
+            base, base_subject, base_class = evaluate(
+                pretrained, dreambooth.INSTANCE_TEMPLATE.format(identifier=identifier, class_noun=noun),
+                dreambooth.CLASS_TEMPLATE.format(class_noun=noun), photos, **sizes)
+            scores["pretrained"].append(dict(base, subject=subject, seed=seed))
+            rows = [("real photos", photos), ("pretrained [V]", base_subject)]
+            class_rows = [("pretrained: class", base_class)]
+            for arm in arms:
+                record, subject_images, class_images = lora_run(arm, subject, seed, out, flags, args.keep_runs, sizes)
+                drew = record["identifier"]
+                assert drew == identifier, f"train.py drew {drew!r}, expected {identifier!r}"
+                scores[arm[0]].append(dict(record, subject=subject, seed=seed))
+                rows.append((f"{arm[0]} [V]", subject_images))
+                class_rows.append((f"{arm[0]}: class", class_images))
+                print(f"[{time.time() - start:6.0f}s] {subject} seed {seed} {arm[0]}: "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in result_items(record)), file=sys.stderr, flush=True)
+            columns = len(world.CONTEXTS)
+            labelled_grid([(label, images[:columns]) for label, images in rows + class_rows]).save(
+                out / f"lora-{subject}-seed{seed}.png")
+            yield scores
+
+
+def result_items(record):
+    return [(k, record[k]) for k in (*SAMPLER_METRICS, "train_seconds")]
+
+
+def megabytes(runs):
+    files = {r["weight_files"] for r in runs}
+    return f"{statistics.fmean(r['weight_bytes'] for r in runs) / 1e6:.2f} MB in {'/'.join(map(str, files))} files"
+
+
+def lora_table(scores):
+    """Markdown: per arm what trains, what it writes and how long it trains, and the scores; then
+    each LoRA's paired difference from full fine-tuning (paired_differences)."""
+    lines = ["| fine-tuning | trained numbers | weights written | training s | PRES (lower better) | "
+             "DIV (higher better) | subject fidelity | prompt fidelity |", "| --- |" + " --- |" * 7]
+    for arm, runs in scores.items():
+        what = ("0 | - | -" if arm == "pretrained" else
+                f"{runs[0]['trained_numbers']:,} | {megabytes(runs)} | {summarise((r['train_seconds'] for r in runs), digits=0)}")
+        lines.append(f"| {arm} | {what} | " + " | ".join(summarise(r[k] for r in runs) for k in SAMPLER_METRICS) + " |")
+    fine_tunings = {arm: runs for arm, runs in scores.items() if arm != "pretrained"}
+    lines += ["", *paired_differences(fine_tunings)]
+    spread = {k: seed_spread(scores["full"], k) for k in SAMPLER_METRICS}
+    note = (f"mean ± std over {len(scores['full'])} runs (subjects x seeds), every fine-tuning with prior "
+            "preservation; paired: the same subject, seed, class images and training noise. Training s: train.py's "
+            "wall time, the class images made before it. Seed spread of full (within subjects): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in spread.items())
+            + "; holds = no metric's mean paired difference worse than that")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def lora_main(args, out, flags, sizes):
+    """The comparison, its table rewritten after every seed and subject (lora.md, lora.json)."""
+    start = time.time()
+    for scores in compare_lora(args, out, flags, sizes):
+        text = lora_table(scores)
+        minutes = (time.time() - start) / 60
+        done = len(scores["full"])
+        (out / "lora.md").write_text(text + f"\n{done} of {len(args.subjects) * len(args.seeds)} runs per arm "
+                                     f"({len(args.subjects)} subjects x {len(args.seeds)} seeds), {minutes:.1f} min\n")
+        (out / "lora.json").write_text(json.dumps({"scores": scores, "args": vars(args), "flags": flags,
+                                                    "minutes": minutes}, indent=2))
+    print(text)
+    print(f"wrote {out / 'lora.md'} and the grids in {out} ({minutes:.1f} min)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # Reporting
 
 
-def summarise(values):
+def summarise(values, digits=3):
     values = list(values)
     mean = statistics.fmean(values)
-    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def tables(scores, real):
@@ -311,11 +461,29 @@ def build_parser():
                    help="instead of Tables 3 and 4, compare class-image samplers: one prior-preservation "
                         "fine-tuning per sampler (e.g. ddim:50 dpmpp_2m_karras:20; the first is the reference "
                         "the others are compared with); writes samplers.md (default: off)")
+    p.add_argument("--lora", nargs="+", type=lora_rank, metavar="RANK",
+                   help="instead of Tables 3 and 4, compare full fine-tuning with LoRA of each rank (e.g. 4 16), "
+                        "every fine-tuning with prior preservation; writes lora.md (default: off)")
+    p.add_argument("--lora_lr", type=float, default=LORA_LR,
+                   help="the LoRA fine-tunings' learning rate (full fine-tuning keeps the toy recipe's "
+                        f"{train.TOY_RECIPE['lr']:g})")
     return p
 
 
+def lora_rank(text):
+    """argparse type of a --lora rank: a whole number >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a LoRA rank is a whole number of at least 1 (e.g. 4)")
+    return int(text)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.lora and args.class_samplers:
+        parser.error("--lora and --class_samplers are two different comparisons: give one")
+    if args.lora_lr <= 0:
+        parser.error(f"--lora_lr must be positive, got {args.lora_lr:g}")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -326,6 +494,8 @@ def main(argv=None):
         flags, sizes = TOY_FLAGS + QUICK_FLAGS, dict(per_context=1, class_images=4, steps=10)
     if args.class_samplers:
         return sampler_main(args, out, flags)
+    if args.lora:
+        return lora_main(args, out, flags, sizes)
     start = time.time()
     pretrained = load_pipeline("toy")
     scores = {c: [] for c in ("pretrained", *CONFIGS)}
