@@ -245,7 +245,18 @@ def open_rgb(path):
 def load_image(path, resolution, *, center_crop=True, rng=None):
     """open_rgb, then resize the shorter side to `resolution` and crop a square (centre, or
     random with `rng`). Returns [3, resolution, resolution] in [-1, 1]."""
+    return load_image_and_sizes(path, resolution, center_crop=center_crop, rng=rng)[0]
+
+
+def load_image_and_sizes(path, resolution, *, center_crop=True, rng=None):
+    """load_image, and SDXL's size conditioning of the image it returns (Podell et al., 2023,
+    section 2.2), [2, 6] (the UNet's time_ids): original height and width (the photo's size
+    before the resize), the crop's top-left corner (top, left) in the resized photo, and the
+    target size (resolution, resolution). Row 0 is the image as cropped, row 1 the same image
+    mirrored: its crop's left edge counted from the mirrored photo's left, as diffusers'
+    SDXL trainer (which flips, then crops) records it."""
     image = open_rgb(path)
+    original = (image.height, image.width)
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.BICUBIC)
@@ -254,9 +265,12 @@ def load_image(path, resolution, *, center_crop=True, rng=None):
     else:
         rng = rng or random
         left, top = rng.randint(0, image.width - resolution), rng.randint(0, image.height - resolution)
+    sizes = torch.tensor([[*original, top, left, resolution, resolution],
+                          [*original, top, image.width - resolution - left, resolution, resolution]],
+                         dtype=torch.float32)
     image = image.crop((left, top, left + resolution, top + resolution))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-    return pixels / 127.5 - 1
+    return pixels / 127.5 - 1, sizes
 
 
 def list_images(folder, what="instance"):
@@ -293,11 +307,18 @@ class DreamBoothData:
         return max(len(self.instance_paths), len(self.class_paths))
 
     def _image(self, path, rng):
-        image = load_image(path, self.resolution, center_crop=self.center_crop, rng=rng)
-        return image.flip(-1) if self.flip and rng.random() < 0.5 else image
+        """(the image [3,H,W], its size conditioning [6], see load_image_and_sizes)."""
+        image, sizes = load_image_and_sizes(path, self.resolution, center_crop=self.center_crop, rng=rng)
+        return (image.flip(-1), sizes[1]) if self.flip and rng.random() < 0.5 else (image, sizes[0])
 
     def item(self, k, rng):
         """(instance image [3,H,W], class image [3,H,W] or None) of item k."""
+        instance, klass = self.sized_item(k, rng)
+        return instance[0], klass[0] if klass else None
+
+    def sized_item(self, k, rng):
+        """item k with each image's SDXL size conditioning [6]: ((instance image, its sizes),
+        (class image, its sizes) or None)."""
         instance = self._image(self.instance_paths[k % len(self.instance_paths)], rng)
         if not self.class_paths:
             return instance, None
@@ -360,12 +381,14 @@ def min_snr_weights(noise_schedule, timesteps, gamma):
 
 def prior_preservation_loss(unet, noise_schedule, instance_latents, instance_context,
                             class_latents=None, class_context=None, prior_loss_weight=1.0, *,
-                            noise=None, timesteps=None, generator=None, snr_gamma=None):
+                            noise=None, timesteps=None, generator=None, snr_gamma=None, added_cond=None):
     """Returns (loss, instance_loss, prior_loss); prior_loss is 0 without class latents.
     latents: scaled VAE latents [B, 4, h, w]; context: text-encoder output [B, 77, D].
     noise and timesteps (for the instance then the class latents) are drawn from `generator`
     unless given: train.py draws them itself so that every GPU sees the same random stream.
-    snr_gamma: min-SNR weighting of both terms (above); None: the plain MSE of Eq. 2."""
+    snr_gamma: min-SNR weighting of both terms (above); None: the plain MSE of Eq. 2.
+    added_cond: SDXL's pooled text embeddings and size numbers ({"text_embeds", "time_ids"}),
+    rows as the concatenated latents (instance rows, then class rows); None for SD 1.x/2.x."""
     latents, context = instance_latents, instance_context
     if class_latents is not None:
         latents = torch.cat([instance_latents, class_latents])
@@ -378,7 +401,8 @@ def prior_preservation_loss(unet, noise_schedule, instance_latents, instance_con
                                   generator=generator, device=generator.device if generator else None)
     noise, timesteps = noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
     noisy_latents = noise_schedule.add_noise(latents, noise, timesteps)
-    prediction = unet(noisy_latents, timesteps, context).float()
+    extra = {} if added_cond is None else {"added_cond": added_cond}  # SD 1.x/2.x UNets take none
+    prediction = unet(noisy_latents, timesteps, context, **extra).float()
     target = noise_schedule.training_target(latents, noise, timesteps).float()  # e, or v for v-models
     n, prior = instance_latents.shape[0], class_latents is not None
     if snr_gamma is None:  # Eq. 2 as written: the mean squared error of each term

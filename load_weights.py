@@ -789,6 +789,8 @@ def _config_dict(name, pipeline):
     module = pipeline.scheduler if name == "scheduler" else getattr(pipeline, name)
     config = {k: list(v) if isinstance(v, tuple) else v
               for k, v in dataclasses.asdict(module.config).items()}
+    if name == "scheduler" and config["timestep_spacing"] is None:
+        del config["timestep_spacing"]  # unnamed means each sampler's own default grid: keep it unnamed
     class_names = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "scheduler": "DDIMScheduler"}
     base = {"_class_name": class_names[name]} if name in class_names else {
         "architectures": [type(module).__name__], "model_type": "clip_text_model"}

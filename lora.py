@@ -37,6 +37,9 @@ Files (save_lora / load_lora), both in safetensors:
     map to their own modules, and what diffusers' converter reads back. (Files named after the
     original SD modules, `lora_unet_input_blocks_1_1_...`, also exist; diffusers' SD 1.x loader
     does not map them by default, and neither do we.)
+  SDXL: train.py adapts the UNet alone, and both formats keep the same diffusers module names
+  (SDXL's UNet has them too); StableDiffusionXLPipeline.load_lora_weights reads both files.
+  LoRAs that adapt SDXL's two text encoders (lora_te1_/lora_te2_, text_encoder_2.) are refused.
 """
 import json
 import math
@@ -431,8 +434,8 @@ def detect_format(keys, path):
                         "none named lora). It looks like a full model: pass it as the model "
                         "(--model), not as a LoRA.")
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
-        raise LoadError(f"{path} is an SDXL LoRA (it adapts two text encoders); only LoRAs for "
-                        "Stable Diffusion 1.x and 2.x are supported.")
+        raise LoadError(f"{path} is an SDXL LoRA that adapts the two text encoders; of SDXL LoRAs, only "
+                        "those of the UNet alone (as train.py writes) are supported.")
     if all(k.startswith(tuple(KOHYA_PREFIX.values())) for k in keys):
         return "kohya"
     if all(k.startswith(tuple(c + "." for c in COMPONENTS)) for k in keys):

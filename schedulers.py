@@ -50,7 +50,8 @@ def randn(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
 class SchedulerConfig:
     # Keys of a Hub scheduler_config.json. Defaults are diffusers' DDIMScheduler / DDPMScheduler
     # defaults, which agree on every key they share; set_alpha_to_one is DDIM's (True; PNDM's is False)
-    # and variance_type is DDPM's. SD's config files set every key that matters.
+    # and variance_type is DDPM's; timestep_spacing's default is per sampler (below). SD's config
+    # files set every key that matters.
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
     beta_end: float = 0.02
@@ -61,7 +62,10 @@ class SchedulerConfig:
     set_alpha_to_one: bool = True  # DDIM: abar "before" the last step is 1 (True) or abar_0 (False)
     clip_sample: bool = True  # DDIM / DDPM: clamp the predicted x_0 to [-clip_sample_range, clip_sample_range]
     clip_sample_range: float = 1.0
-    timestep_spacing: str = "leading"  # the DDIM / DDPM grid (DPM-Solver++ and Euler: see _SigmaSampler)
+    # The inference grid. None (the key absent): each sampler's diffusers default, "leading" for
+    # DDIM / DDPM, "linspace" for DPM-Solver++ and Euler. An explicit "leading": every sampler's
+    # leading grid (SDXL's config names it), as in diffusers.
+    timestep_spacing: str | None = None
     variance_type: str = "fixed_small"  # DDPM: sigma_t^2 = beta~_t ("fixed_small") or beta_t ("fixed_large")
     thresholding: bool = False  # Imagen's dynamic thresholding: not supported
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023: not supported
@@ -75,7 +79,9 @@ class SchedulerConfig:
         check("beta_schedule", ("linear", "scaled_linear"))
         check("trained_betas", (None,))
         check("prediction_type", ("epsilon", "v_prediction", "sample"))
-        check("timestep_spacing", ("leading",))
+        if self.timestep_spacing not in (None, "leading"):
+            raise ValueError(f"scheduler config timestep_spacing={self.timestep_spacing!r} is not supported: "
+                             "name \"leading\", or leave the key out for each sampler's default grid")
         check("variance_type", ("fixed_small", "fixed_large"))
         check("thresholding", (False,))
         check("rescale_betas_zero_snr", (False,))
@@ -114,6 +120,7 @@ class NoiseSchedule:
 
     # DDIM and DDPM start from x_T ~ N(0, I) and give the UNet x_t as it is.
     init_noise_sigma = 1.0
+    default_timestep_spacing = "leading"  # the grid when the config names none (diffusers' default)
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """What the UNet is given at `timestep` for the sampler's `sample`: x_t itself here."""
@@ -161,18 +168,36 @@ class NoiseSchedule:
 
     # ---- sampling: the timestep grid and x_0 prediction -----------------------------------------
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        """"leading" spacing: t = k * (T // n) + steps_offset for k = n-1, ..., 0 (e.g. 981, 961, ..., 1)."""
+    @property
+    def timestep_spacing(self) -> str:
+        """The grid this sampler uses: the config's, or the sampler's default when it names none."""
+        return self.config.timestep_spacing or self.default_timestep_spacing
+
+    def _check_steps(self, num_inference_steps: int) -> None:
         T = self.config.num_train_timesteps
         if not 1 <= num_inference_steps <= T:
             raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_inference_steps}")
-        step_ratio = T // num_inference_steps
-        timesteps = torch.arange(num_inference_steps - 1, -1, -1) * step_ratio + self.config.steps_offset
+
+    def leading_timesteps(self, num_inference_steps: int, points: int) -> torch.Tensor:
+        """"leading" spacing, int64, descending: t = k * (T // points) + steps_offset for
+        k = points-1, ..., 0 (e.g. 50 points, offset 1: 981, 961, ..., 1). `points` is num_inference_steps
+        for DDIM, DDPM and Euler; DPM-Solver++ takes n + 1 points and drops the last (see there)."""
+        T, offset = self.config.num_train_timesteps, self.config.steps_offset
+        step_ratio = T // points
+        timesteps = torch.arange(points - 1, -1, -1) * step_ratio + offset
+        if step_ratio == 0:  # only DPM-Solver++ with n = T: every timestep would be the same
+            raise ValueError(f"num_inference_steps={num_inference_steps} is too many for {type(self).__name__} "
+                             f"on the leading grid: at most {T - 1}")
         if timesteps[0] >= T:
-            raise ValueError(f"num_inference_steps={num_inference_steps} with steps_offset={self.config.steps_offset} "
+            raise ValueError(f"num_inference_steps={num_inference_steps} with steps_offset={offset} "
                              f"gives timestep {int(timesteps[0])}, outside the {T} training timesteps")
+        return timesteps
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """"leading" spacing (DDIM and DDPM have only this one; see leading_timesteps)."""
+        self._check_steps(num_inference_steps)
+        self.timesteps = self.leading_timesteps(num_inference_steps, num_inference_steps)
         self.num_inference_steps = num_inference_steps
-        self.timesteps = timesteps
 
     def previous_timestep(self, timestep) -> int:
         """The timestep a step from `timestep` goes to: the one below it on the evenly spaced grid,
@@ -273,23 +298,21 @@ class _SigmaSampler(NoiseSchedule):
 
     (the sigma of Karras et al. 2022; in DPM-Solver's notation sigma_t / alpha_t). set_timesteps fills
     `timesteps` (what the UNet is told) and `sigmas` (n + 1 noise levels, float32, ending at 0: the
-    last step lands on x_0). Their grid is diffusers' default for these samplers, "linspace": n
-    points spread evenly over [0, T - 1] from T - 1 down. SD's config files name no spacing, so
-    diffusers uses that grid for them too; the config's timestep_spacing and steps_offset shape the
-    DDIM / DDPM grid only (a config that names "leading", as the ones this project saves do, would
-    give diffusers' versions a leading grid; here these samplers keep theirs, the same for a base
-    model and its fine-tune). clip_sample is not applied (nor is it by diffusers' versions).
+    last step lands on x_0). Their default grid is diffusers' default for these samplers,
+    "linspace": n points spread evenly over [0, T - 1] from T - 1 down (SD 1.x/2.x's config files
+    name no spacing). A config that names "leading" (SDXL's; this project's saved folders keep
+    what their source named) gives them diffusers' leading grid instead, where steps_offset counts
+    too. clip_sample is not applied (nor is it by diffusers' versions).
     """
+
+    default_timestep_spacing = "linspace"
 
     def __init__(self, config: SchedulerConfig):
         super().__init__(config)
         self.train_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # (T,) increasing in t
-        self.set_timesteps(config.num_train_timesteps)  # until set_timesteps is called: n = T
-
-    def _check_steps(self, num_inference_steps: int) -> None:
-        T = self.config.num_train_timesteps
-        if not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_inference_steps}")
+        # Until set_timesteps is called: n = T on the linspace grid; one step on the leading grid,
+        # where n = T does not fit (leading_timesteps).
+        self.set_timesteps(config.num_train_timesteps if self.timestep_spacing == "linspace" else 1)
 
     def _start(self, timesteps: torch.Tensor, sigmas: torch.Tensor) -> None:
         """Install a grid: `sigmas` float64 (n,) becomes float32 (n + 1,) with sigma = 0 appended."""
@@ -357,8 +380,9 @@ class DPMSolverMultistepScheduler(_SigmaSampler):
     where lambda = inf and the update returns x_theta itself. Deterministic.
 
     use_karras_sigmas: the noise levels of Karras et al. 2022 Eq. 5 (karras_sigmas) between the
-    training table's smallest and largest sigma instead of the linspace grid; the UNet is then told
-    the training timestep nearest each level (log-sigma interpolation, rounded).
+    training table's smallest and largest sigma instead of a spaced grid (so timestep_spacing does
+    not matter); the UNet is then told the training timestep nearest each level (log-sigma
+    interpolation, rounded).
     """
 
     def __init__(self, config: SchedulerConfig, use_karras_sigmas: bool = False):
@@ -366,14 +390,19 @@ class DPMSolverMultistepScheduler(_SigmaSampler):
         super().__init__(config)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        """linspace grid: t_k = round(k (T - 1) / n) for k = n, ..., 1 (e.g. n = 20: 999, 949, ..., 50)."""
+        """linspace grid: t_k = round(k (T - 1) / n) for k = n, ..., 1 (e.g. n = 20: 999, 949, ..., 50).
+        leading grid: the leading grid of n + 1 points without its lowest, t_k = k (T // (n + 1)) +
+        steps_offset for k = n, ..., 1 (n = 20, offset 1: 941, 894, ..., 48), as diffusers spaces it."""
         self._check_steps(num_inference_steps)
-        T = self.config.num_train_timesteps
+        T, n = self.config.num_train_timesteps, num_inference_steps
         if self.use_karras_sigmas:
-            sigmas = karras_sigmas(self.train_sigmas[0].item(), self.train_sigmas[-1].item(), num_inference_steps)
+            sigmas = karras_sigmas(self.train_sigmas[0].item(), self.train_sigmas[-1].item(), n)
             timesteps = self._timesteps_for(sigmas).round().long()
         else:
-            timesteps = evenly_spaced(T - 1, num_inference_steps + 1).round().flip(0)[:-1].long()
+            if self.timestep_spacing == "leading":
+                timesteps = self.leading_timesteps(n, points=n + 1)[:-1]
+            else:  # "linspace"
+                timesteps = evenly_spaced(T - 1, n + 1).round().flip(0)[:-1].long()
             sigmas = self._sigma_at(timesteps)
         self._start(timesteps, sigmas)
         self.previous_data_prediction = None  # x_theta at the previous grid point (the multistep memory)
@@ -443,18 +472,24 @@ class EulerAncestralScheduler(_SigmaSampler):
 
     so x_next has noise level sqrt(sigma_down^2 + sigma_up^2) = sigma_next. The noise is drawn at every
     step (sigma_up = 0 at the last). The UNet expects x_t, so scale_model_input divides x by
-    sqrt(sigma^2 + 1); x_T = sigma_max * noise (init_noise_sigma: diffusers' choice on this grid,
-    not sqrt(sigma_max^2 + 1), 0.2% apart for SD).
+    sqrt(sigma^2 + 1); x_T = init_noise_sigma * noise, with diffusers' init_noise_sigma per grid:
+    on the leading grid sqrt(sigma_max^2 + 1), the spread of x_T / sqrt(abar_T) for x_T ~ N(0, I);
+    on the linspace grid sigma_max itself (0.2% less for SD).
     """
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """linspace grid of fractional timesteps (float32): n points from T - 1 down to 0, e.g.
-        n = 4: 999, 666, 333, 0; sigma interpolated linearly in the training table between them."""
+        n = 4: 999, 666, 333, 0; sigma interpolated linearly in the training table between them.
+        leading grid: DDIM's (see leading_timesteps), as float32, e.g. n = 4, offset 1: 751, 501, 251, 1."""
         self._check_steps(num_inference_steps)
-        T = self.config.num_train_timesteps
-        timesteps = evenly_spaced(T - 1, num_inference_steps).flip(0).float()
+        T, n = self.config.num_train_timesteps, num_inference_steps
+        if self.timestep_spacing == "leading":
+            timesteps = self.leading_timesteps(n, points=n).float()
+        else:  # "linspace"
+            timesteps = evenly_spaced(T - 1, n).flip(0).float()
         self._start(timesteps, self._sigma_at(timesteps))
-        self.init_noise_sigma = self.sigmas.max()
+        sigma_max = self.sigmas.max()
+        self.init_noise_sigma = sigma_max if self.timestep_spacing == "linspace" else (sigma_max**2 + 1) ** 0.5
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """x -> x_t = x / sqrt(sigma^2 + 1), what the UNet was trained on."""

@@ -11,7 +11,9 @@ images, lr 5e-6 constant, 800 steps, 512 px, batch 1 (+1 class image). The outpu
 diffusers-layout model (load it with sample.py, this project's loader, or diffusers), plus
 dreambooth.json (identifier, prompts, arguments), loss.jsonl, loss.png, validation/ grids,
 checkpoints/ and class_images/. With --lora_rank R, low-rank adapters (lora.py) train instead of
-the UNet's weights, and the folder holds the adapters' files instead of a full model.
+the UNet's weights, and the folder holds the adapters' files instead of a full model. SDXL trains
+the same way (README, "DreamBooth-LoRA on SDXL"): LoRA on its UNet, conditioned on both text
+encoders and each image's size numbers; a full fine-tune of its UNet only with --low_memory.
 
 What practitioners add, each off by default (README, "Training"): a caption per photo (photo.txt),
 several subjects in one run (--concepts), min-SNR loss weighting (--snr_gamma), offset noise
@@ -146,21 +148,49 @@ def load_for_training(args, device):
     except LoadError as e:
         raise TrainError(str(e)) from None
     if pipeline.text_encoder_2 is not None:
-        raise TrainError(f"{args.model} is an SDXL model: this project loads SDXL, but does not train it yet; "
-                         "use an SD 1.x or 2.x model")
+        check_sdxl_training(pipeline, args)
     frozen_dtype = sample.autocast_dtype(torch.device(device), args.mixed_precision) or torch.float32
-    pipeline.vae.to(frozen_dtype)
+    # SDXL's VAE overflows in fp16 (force_upcast): it stays fp32 and encodes outside autocast
+    pipeline.vae.to(torch.float32 if sample.decodes_in_fp32(pipeline) else frozen_dtype)
     if not args.train_text_encoder:
-        pipeline.text_encoder.to(frozen_dtype)
+        for encoder in text_encoders(pipeline):
+            encoder.to(frozen_dtype)
     return pipeline
 
 
-def choose_prompts(args, tokenizer, env, concepts=None, instance_paths=None):
+def text_encoders(pipeline):
+    """The pipeline's text encoders: one, or SDXL's two."""
+    return [e for e in (pipeline.text_encoder, pipeline.text_encoder_2) if e is not None]
+
+
+SDXL_UNET_PARAMETERS = 2.6e9  # SDXL base's UNet (2.57 B); fp32 weights, gradients, AdamW's 2 moments: 16 bytes each
+
+
+def check_sdxl_training(pipeline, args):
+    """What this project trains of SDXL: LoRA on the UNet (the common recipe), or the whole UNet
+    with --low_memory. Its text encoders stay frozen."""
+    if args.train_text_encoder:
+        raise TrainError(f"{args.model} is an SDXL model: training its text encoders (--train_text_encoder) is not "
+                         "supported; leave the flag out (the UNet trains, with --lora_rank R or --low_memory)")
+    if not args.lora_rank and not args.low_memory:
+        n = sum(p.numel() for p in pipeline.unet.parameters())
+        raise TrainError(
+            f"{args.model} is an SDXL model: fine-tuning its whole UNet ({n / 1e9:.3g} B parameters here; SDXL "
+            f"base's has ~{SDXL_UNET_PARAMETERS / 1e9:.1f} B) keeps fp32 weights, gradients and AdamW's two moments, "
+            f"16 bytes a parameter: {16 * n / 1e9:.3g} GB here, ~{16 * SDXL_UNET_PARAMETERS / 1e9:.0f} GB for SDXL "
+            "base, before activations. Train LoRA adapters instead (--lora_rank 4), or add --low_memory "
+            "(bf16 optimizer state, gradient checkpointing, cached latents) on an accelerator with more memory.")
+
+
+def choose_prompts(args, tokenizer, env, concepts=None, instance_paths=None, tokenizer_2=None):
     """Each concept's identifier and prompts, its photos' captions included: one Prompts per
-    concept. (concepts and their photos default to those args names.)"""
+    concept. (concepts and their photos default to those args names.) SDXL: the identifiers
+    are drawn from the first tokenizer and checked against the second (tokenizer_2)."""
     concepts = concepts or read_concepts(args)
     instance_paths = instance_paths or list_instance_images(concepts)
     identifiers = choose_identifiers(args, tokenizer, env, concepts)
+    if tokenizer_2 is not None:
+        check_second_tokenizer(tokenizer, tokenizer_2, identifiers)
     return [concept_prompts(args, concept, identifier, photos, env)
             for concept, identifier, photos in zip(concepts, identifiers, instance_paths)]
 
@@ -186,6 +216,15 @@ def choose_identifiers(args, tokenizer, env, concepts):
     except ValueError as e:
         raise TrainError(str(e)) from None
     return identifiers
+
+
+def check_second_tokenizer(tokenizer, tokenizer_2, identifiers):
+    """SDXL's second text encoder must see each identifier as the same tokens as the first
+    (its tokenizer shares the vocabulary, padded differently; a custom folder might not)."""
+    for identifier in identifiers:
+        if tokenizer_2.encode(identifier)[1:-1] != tokenizer.encode(identifier)[1:-1]:
+            raise TrainError(f"the identifier {identifier!r} is split into other tokens by tokenizer_2 than by "
+                             "tokenizer: give --identifier a word both tokenizers keep whole")
 
 
 def concept_prompts(args, concept, identifier, photos, env):
@@ -240,6 +279,7 @@ class Batch:
     timesteps: torch.Tensor                  # [n or 2n]
     concept: int = 0                         # which of the run's concepts the batch trains
     photos: list = field(default_factory=list)  # n indices: the concept's photo of each instance row
+    time_ids: torch.Tensor | None = None     # SDXL: [n or 2n, 6] each row's image sizes (load_image_and_sizes)
 
 
 @dataclass
@@ -247,17 +287,24 @@ class CachedPosteriors:
     """Every image's VAE posterior, encoded once as it is and mirrored (`--cache_latents`)."""
     plain: dreambooth.LatentDistribution     # [N, C, h, w]
     mirrored: dreambooth.LatentDistribution  # [N, C, h, w]
+    sizes: torch.Tensor                      # [N, 2, 6] SDXL's size numbers, as is and mirrored
 
     @classmethod
     def encode(cls, vae, paths, resolution, device, dtype):
-        images = torch.stack([dreambooth.load_image(p, resolution) for p in paths]).to(device, dtype)
-        return cls(*(dreambooth.LatentDistribution.encode(vae, x) for x in (images, images.flip(-1))))
+        loaded = [dreambooth.load_image_and_sizes(p, resolution) for p in paths]
+        images = torch.stack([image for image, _ in loaded]).to(device, dtype)
+        return cls(*(dreambooth.LatentDistribution.encode(vae, x) for x in (images, images.flip(-1))),
+                   torch.stack([sizes for _, sizes in loaded]))
 
     def pick(self, indices, mirror):
         """The posteriors of images `indices` (mod N), each mirrored where `mirror` says."""
         chosen = [(self.mirrored if m else self.plain, k % self.plain.mean.shape[0]) for k, m in zip(indices, mirror)]
         return dreambooth.LatentDistribution(torch.stack([d.mean[k] for d, k in chosen]),
                                              torch.stack([d.std[k] for d, k in chosen]))
+
+    def pick_sizes(self, indices, mirror):
+        """The size numbers [n, 6] of the images `pick` returns."""
+        return torch.stack([self.sizes[k % self.sizes.shape[0], int(m)] for k, m in zip(indices, mirror)])
 
 
 class TrainingData:
@@ -288,6 +335,10 @@ class TrainingData:
         self.generator = torch.Generator().manual_seed(args.seed)  # noise, timesteps, latent samples
         self.device = env.device
         self.dtype = next(pipeline.vae.parameters()).dtype
+        self.sdxl = pipeline.text_encoder_2 is not None  # the UNet also takes each image's sizes
+        # SDXL's VAE encodes in fp32 (load_for_training), outside autocast
+        fp32 = lambda: torch.autocast(env.device.type, enabled=False)  # noqa: E731
+        self.vae_autocast = fp32 if sample.decodes_in_fp32(pipeline) else autocast
         self.cache = None  # per concept: (instance, class) CachedPosteriors
         if args.cache_latents:
             self.cache = self.encode_all()
@@ -296,27 +347,34 @@ class TrainingData:
     def encode_all(self):
         """Encode every image once (both mirror images); the VAE and a frozen text encoder then
         leave the accelerator until validation needs them."""
-        with self.autocast():
+        with self.vae_autocast():
             encode = lambda paths: CachedPosteriors.encode(  # noqa: E731
                 self.pipeline.vae, paths, self.args.resolution, self.device, self.dtype)
             cache = [(encode(images.instance_paths), encode(images.class_paths) if self.prior else None)
                      for images in self.images]
         self.pipeline.vae.to("cpu")
         if not self.args.train_text_encoder:
-            self.pipeline.text_encoder.to("cpu")
+            for encoder in text_encoders(self.pipeline):
+                encoder.to("cpu")
         return cache
 
     def posteriors(self, concept, indices, item_rngs):
-        """LatentDistribution of this process's instance images, and of its class images (or None)."""
+        """LatentDistribution of this process's instance images, and of its class images (or
+        None), and SDXL's size numbers of every row, [n or 2n, 6] (None for SD 1.x/2.x)."""
         if self.cache is not None:
             mirror = [self.args.flip and r.random() < 0.5 for r in item_rngs]
             instance_cache, class_cache = self.cache[concept]
-            return instance_cache.pick(indices, mirror), class_cache.pick(indices, mirror) if self.prior else None
-        items = [self.images[concept].item(k, r) for k, r in zip(indices, item_rngs)]  # (instance, class) pixels
-        with torch.no_grad(), self.autocast():
+            sizes = [c.pick_sizes(indices, mirror) for c in (instance_cache, class_cache) if c is not None]
+            return (instance_cache.pick(indices, mirror), class_cache.pick(indices, mirror) if self.prior else None,
+                    torch.cat(sizes) if self.sdxl else None)
+        # ((instance, its sizes), (class, its sizes) or None) of each item
+        items = [self.images[concept].sized_item(k, r) for k, r in zip(indices, item_rngs)]
+        rows = [i for i, _ in items] + ([c for _, c in items] if self.prior else [])
+        with torch.no_grad(), self.vae_autocast():
             encode = lambda x: dreambooth.LatentDistribution.encode(  # noqa: E731
-                self.pipeline.vae, torch.stack(x).to(self.device, self.dtype))
-            return encode([i for i, _ in items]), encode([c for _, c in items]) if self.prior else None
+                self.pipeline.vae, torch.stack([image for image, _ in x]).to(self.device, self.dtype))
+            return (encode([i for i, _ in items]), encode([c for _, c in items]) if self.prior else None,
+                    torch.stack([sizes for _, sizes in rows]) if self.sdxl else None)
 
     def next_batch(self):
         g, mine = self.global_batch, self.mine
@@ -325,7 +383,7 @@ class TrainingData:
         images = self.images[concept]
         indices = [self.rng.randrange(len(images)) for _ in range(g)]
         item_rngs = [random.Random(self.rng.getrandbits(64)) for _ in range(g)]
-        instance, klass = self.posteriors(concept, indices[mine], item_rngs[mine])
+        instance, klass, time_ids = self.posteriors(concept, indices[mine], item_rngs[mine])
         # row 0: the instance images, row 1: the class images; (2, g, C, h, w) -> (2, n, C, h, w)
         shape = (2, g, *instance.mean.shape[1:])
         latent_noise = torch.randn(shape, generator=self.generator)[:, mine]  # samples of the posteriors
@@ -338,10 +396,11 @@ class TrainingData:
         instance_latents = instance.sample(latent_noise[0].to(self.device), scaling_factor).float()
         photos = [k % len(images.instance_paths) for k in indices[mine]]  # as DreamBoothData.item pairs them
         if not self.prior:
-            return Batch(instance_latents, None, noise[0], timesteps[0], concept, photos)
+            return Batch(instance_latents, None, noise[0], timesteps[0], concept, photos, time_ids)
         class_latents = klass.sample(latent_noise[1].to(self.device), scaling_factor).float()
         # (2, n, C, h, w) -> (2n, C, h, w): instance rows then class rows, as the loss concatenates
-        return Batch(instance_latents, class_latents, noise.flatten(0, 1), timesteps.flatten(), concept, photos)
+        return Batch(instance_latents, class_latents, noise.flatten(0, 1), timesteps.flatten(), concept, photos,
+                     time_ids)
 
     def offsets(self, shape):
         """Offset noise (Guttenberg, 2023, "Diffusion with Offset Noise"), N(0, 1) per image and
@@ -384,6 +443,7 @@ class Trainer:
     world_size: int = 1
     base_lrs: list = None     # each group's learning rate after warm-up (a resumed optimizer holds the current one)
     snr_gamma: float | None = None  # min-SNR weighting of Eq. 2 (dreambooth.min_snr_weights), or None
+    pooled: dict = field(default_factory=dict)  # SDXL: prompt -> its pooled text embedding [1, 1280]; else {}
 
     def __post_init__(self):
         self.base_lrs = self.base_lrs or [group["lr"] for group in self.optimizer.param_groups]
@@ -424,7 +484,19 @@ def encode_contexts(pipeline, prompts, autocast):
         return {p: sample.encode_prompts(pipeline, [p]).float() for p in distinct}
 
 
-def make_trainer(pipeline, prompts, contexts, args, env, autocast):
+@torch.no_grad()
+def encode_pooled(pipeline, prompts, autocast):
+    """SDXL: the pooled text embedding [1, 1280] (the second encoder's) of every distinct prompt
+    training uses, beside encode_contexts' [1, 77, 2048] context; {} for SD 1.x/2.x."""
+    if pipeline.text_encoder_2 is None:
+        return {}
+    prompts = [prompts] if isinstance(prompts, Prompts) else prompts
+    distinct = dict.fromkeys(p for each in prompts for p in each.training_prompts())
+    with autocast():
+        return {p: sample.text_conditioning(pipeline, [p])[1].float() for p in distinct}
+
+
+def make_trainer(pipeline, prompts, contexts, args, env, autocast, pooled=None):
     """Trainable modules, optimizer and loss scaler, for `train_step`. prompts: one Prompts per
     concept (or one Prompts); contexts: each prompt's text context (encode_contexts), or {} when
     the text encoder trains. With --lora_rank, only the adapters add_lora puts on the trained
@@ -453,7 +525,7 @@ def make_trainer(pipeline, prompts, contexts, args, env, autocast):
                    prompts=[prompts] if isinstance(prompts, Prompts) else prompts,
                    contexts=contexts, prior_loss_weight=args.prior_loss_weight,
                    max_grad_norm=args.max_grad_norm, autocast=autocast, world_size=env.world_size,
-                   snr_gamma=args.snr_gamma)
+                   snr_gamma=args.snr_gamma, pooled=pooled or {})
 
 
 def text_contexts(trainer, batch):
@@ -468,6 +540,18 @@ def text_contexts(trainer, batch):
     device = next(trainer.text_encoder.parameters()).device
     ids = trainer.tokenizer(instance + klass).to(device)
     return (trainer.text_encoder(ids).split(len(instance)) + (None,))[:2]
+
+
+def added_conditioning(trainer, batch):
+    """SDXL's added_cond of the batch's rows (instance rows, then class rows): each row's
+    prompt's pooled embedding and its image's size numbers (Batch.time_ids); None for SD 1.x/2.x."""
+    if batch.time_ids is None:
+        return None
+    prompts = trainer.prompts[batch.concept]
+    rows = [prompts.image_prompt(k) for k in batch.photos]
+    rows += [prompts.class_prompt] * len(rows) if batch.class_latents is not None else []
+    return {"text_embeds": torch.cat([trainer.pooled[p] for p in rows]),
+            "time_ids": batch.time_ids.to(batch.instance_latents.device)}
 
 
 def stack_contexts(contexts, prompts):
@@ -500,7 +584,8 @@ def train_step(trainer, batches):
                 loss, instance_loss, prior_loss = dreambooth.prior_preservation_loss(
                     trainer.unet, trainer.noise_schedule, batch.instance_latents, instance_context,
                     batch.class_latents, class_context, trainer.prior_loss_weight,
-                    noise=batch.noise, timesteps=batch.timesteps, snr_gamma=trainer.snr_gamma)
+                    noise=batch.noise, timesteps=batch.timesteps, snr_gamma=trainer.snr_gamma,
+                    added_cond=added_conditioning(trainer, batch))
             trainer.scaler.scale(loss / len(batches)).backward()
         losses = torch.stack([loss.detach().float().cpu(), instance_loss.float().cpu(), prior_loss.float().cpu()])
         totals += losses / len(batches)
@@ -723,7 +808,7 @@ def validate(pipeline, args, identifiers, path, device):
     training = [m for m in (pipeline.unet, pipeline.text_encoder) if m.training]
     for m in training:
         m.eval()
-    moved = [m for m in (pipeline.vae, pipeline.text_encoder) if next(m.parameters()).device != device]
+    moved = [m for m in (pipeline.vae, *text_encoders(pipeline)) if next(m.parameters()).device != device]
     for m in moved:
         m.to(device)
     prompts = sample.fill_identifiers(args.validation_prompt, identifiers, "this run")
@@ -920,7 +1005,7 @@ def save_final_model(pipeline, args, concepts, prompts, record, output_dir, log,
     info = model_info(pipeline, args, concepts, prompts, record, world_size)
     files = {"loss.jsonl": "".join(json.dumps(r) + "\n" for r in log.records).encode()}
     if args.push_to_hub:
-        files["README.md"] = model_card(info, args, output_dir).encode()
+        files["README.md"] = model_card(info, args, output_dir, sdxl=pipeline.text_encoder_2 is not None).encode()
     curve = plot_losses(log.records)
     if curve is not None:
         buffer = io.BytesIO()
@@ -1027,8 +1112,10 @@ def hub_failure(error, args, doing, after=""):
     return TrainError(f"--push_to_hub {repo}: {doing} failed: {why}.{after}")
 
 
-def model_card(info, args, output_dir):
-    """README.md of the uploaded model: what it is, its identifiers and how to use it."""
+def model_card(info, args, output_dir, sdxl=False):
+    """README.md of the uploaded model: what it is, its identifiers and how to use it (sdxl: with
+    diffusers' SDXL pipeline)."""
+    pipeline_class = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     concepts, base = info["concepts"], info["base_model"]
     hub_base = not Path(base).exists()  # the card's metadata names Hub models only
     base = base if hub_base else Path(base).name  # a local model: its folder's name, not the path on this machine
@@ -1050,9 +1137,9 @@ def model_card(info, args, output_dir):
         shown = "; ".join(sample.fill_identifiers(args.validation_prompt, concepts, "this run"))
         lines += ["", f"![validation images after {int(Path(grid).stem.split('-')[1])} steps]({grid})", "",
                   f"Rows: {shown}."]
-    load = (f'pipe = StableDiffusionPipeline.from_pretrained("{base}")\npipe.load_lora_weights("{args.push_to_hub}")'
-            if args.lora_rank else f'pipe = StableDiffusionPipeline.from_pretrained("{args.push_to_hub}")')
-    lines += ["", "## Use", "", "```python", "from diffusers import StableDiffusionPipeline", "", load,
+    load = (f'pipe = {pipeline_class}.from_pretrained("{base}")\npipe.load_lora_weights("{args.push_to_hub}")'
+            if args.lora_rank else f'pipe = {pipeline_class}.from_pretrained("{args.push_to_hub}")')
+    lines += ["", "## Use", "", "```python", f"from diffusers import {pipeline_class}", "", load,
               f'image = pipe("{example}").images[0]', "```"]
     return "\n".join(front + lines) + "\n"
 
@@ -1084,13 +1171,15 @@ def fine_tune(args, env, output_dir, concepts):
     checkpoint = find_checkpoint(args, output_dir / "checkpoints") if args.resume else None
     torch.manual_seed(args.seed)
     pipeline = load_for_training(args, env.device)                               # 1. model
-    prompts = choose_prompts(args, pipeline.tokenizer, env, concepts, instance_paths)  # 2. [V], prompts
+    prompts = choose_prompts(args, pipeline.tokenizer, env, concepts, instance_paths,  # 2. [V], prompts
+                             tokenizer_2=pipeline.tokenizer_2)
     record = start_run(output_dir, run_record(args, concepts, prompts, instance_paths), checkpoint, args, env)
     say(prompts_line(concepts, prompts))
     contexts = {} if args.train_text_encoder else encode_contexts(pipeline, prompts, autocast)
+    pooled = encode_pooled(pipeline, prompts, autocast)  # SDXL's second conditioning; {} otherwise
     class_paths = make_class_images(pipeline, args, prompts, output_dir, env, concepts)  # 3. class images
     data = TrainingData(pipeline, instance_paths, class_paths, args, env, autocast)  # 4. data
-    trainer = make_trainer(pipeline, prompts, contexts, args, env, autocast)     # 5. the step
+    trainer = make_trainer(pipeline, prompts, contexts, args, env, autocast, pooled)  # 5. the step
     say(batch_line(args, env, bool(class_paths[0]), len(concepts)))
     start, records = load_checkpoint(checkpoint, pipeline, trainer, data, record, args, env) if checkpoint else (0, [])
     if checkpoint:

@@ -1,10 +1,12 @@
 """schedulers.py against diffusers' DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 (dpmsolver++, order 2, with and without Karras sigmas) and EulerAncestralDiscreteScheduler, each
-built from the same config dict. Grids (timesteps, sigmas) must be identical; step outputs:
-max abs error <= 1e-6 in fp32 (the arithmetic is the same, so in practice it is exact)."""
+built from the same config dict, with timestep_spacing left out (each sampler's default grid) and
+named "leading". Grids (timesteps, sigmas) must be identical; step outputs: max abs error <= 1e-6
+in fp32 (the arithmetic is the same, so in practice it is exact)."""
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,6 +35,9 @@ LINEAR = {"_class_name": "DDPMScheduler", "beta_schedule": "linear", "beta_start
           "num_train_timesteps": 1000, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True,
           "steps_offset": 0, "variance_type": "fixed_small"}
 CONFIGS = {"sd15-pndm": SD15_PNDM, "sd21-v": SD21_V, "linear": LINEAR}
+# The same configs naming "leading" spacing, as SDXL base's does (and the ones saved from it).
+LEADING = {f"{name}-leading": {**cfg, "timestep_spacing": "leading"} for name, cfg in CONFIGS.items()}
+ALL_CONFIGS = {**CONFIGS, **LEADING}
 
 
 # sample.py's sampler names -> (ours from a SchedulerConfig, diffusers' from the config dict)
@@ -64,10 +69,10 @@ def max_err(a, b):
     return (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", ALL_CONFIGS)
 @pytest.mark.parametrize("kind", ["ddim", "ddpm"])
 def test_schedule_tensors_and_timesteps_equal(kind, name):
-    ours, ref = ours_and_ref(kind, CONFIGS[name])
+    ours, ref = ours_and_ref(kind, ALL_CONFIGS[name])
     for attr in ("betas", "alphas", "alphas_cumprod"):
         assert getattr(ours, attr).dtype == torch.float32
         assert torch.equal(getattr(ours, attr), getattr(ref, attr)), attr
@@ -225,20 +230,28 @@ def test_presets_equal_hub_configs(tmp_path):
 
 
 def test_defaults_follow_diffusers():
-    """Absent keys take diffusers' defaults (DDIM's for set_alpha_to_one, DDPM's for variance_type)."""
+    """Absent keys take diffusers' defaults (DDIM's for set_alpha_to_one, DDPM's for variance_type);
+    an absent timestep_spacing is None, which each sampler reads as diffusers' default for it."""
     ours = SchedulerConfig()
+    assert ours.timestep_spacing is None
     for ref_cls in (diffusers.DDIMScheduler, diffusers.DDPMScheduler):
         ref = ref_cls().config
         for key in ref:
-            if hasattr(ours, key):
+            if hasattr(ours, key) and key != "timestep_spacing":
                 assert getattr(ours, key) == ref[key], (ref_cls.__name__, key)
+    for kind, (make_ours, make_ref) in SAMPLERS.items():
+        ours_sampler, ref_sampler = make_ours(ours, 0.0), make_ref({})
+        assert ours_sampler.timestep_spacing == ref_sampler.config.timestep_spacing, kind
+    assert DDIMScheduler(ours).timestep_spacing == "leading"
+    assert EulerAncestralScheduler(ours).timestep_spacing == "linspace"
 
 
 @pytest.mark.parametrize("override, message", [
     ({"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule"),
     ({"trained_betas": [0.1] * 1000}, "trained_betas"),
     ({"prediction_type": "flow"}, "prediction_type"),
-    ({"timestep_spacing": "trailing"}, "timestep_spacing"),
+    ({"timestep_spacing": "trailing"}, "timestep_spacing='trailing' is not supported.*leave the key out"),
+    ({"timestep_spacing": "linspace"}, "timestep_spacing='linspace' is not supported"),
     ({"variance_type": "learned_range"}, "variance_type"),
     ({"thresholding": True}, "thresholding"),
     ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
@@ -259,7 +272,51 @@ def test_set_timesteps_errors():
     assert schedulers.SchedulerConfig.from_dict({"timestep_spacing": "leading"}).timestep_spacing == "leading"
 
 
+def test_leading_grid_errors():
+    """On the leading grid steps_offset can push the top timestep past T - 1 (diffusers then reads
+    past its sigma table): refused, as DDIM refuses it. DPM-Solver++ spaces n + 1 points."""
+    sd15 = SchedulerConfig.from_dict(LEADING["sd15-pndm-leading"])
+    euler, dpm = EulerAncestralScheduler(sd15), DPMSolverMultistepScheduler(sd15)
+    assert len(euler.timesteps) == len(dpm.timesteps) == 1  # the grid before set_timesteps
+    euler.set_timesteps(500)  # (500 - 1) * 2 + 1 = 999
+    with pytest.raises(ValueError, match="gives timestep 1000, outside the 1000 training timesteps"):
+        euler.set_timesteps(1000)
+    dpm.set_timesteps(998)  # 998 * (1000 // 999) + 1 = 999
+    with pytest.raises(ValueError, match="gives timestep 1000, outside"):
+        dpm.set_timesteps(999)
+    dpm_no_offset = DPMSolverMultistepScheduler(SchedulerConfig.from_dict(LEADING["linear-leading"]))
+    dpm_no_offset.set_timesteps(999)
+    with pytest.raises(ValueError, match="num_inference_steps=1000 is too many .* at most 999"):
+        dpm_no_offset.set_timesteps(1000)  # 1000 // 1001 = 0: every timestep would be the same
+    dpm_karras = DPMSolverMultistepScheduler(sd15, use_karras_sigmas=True)
+    dpm_karras.set_timesteps(1000)  # Karras sigmas ignore the spacing
+
+
+def test_saved_config_names_the_spacing_only_when_its_source_did():
+    """load_weights writes timestep_spacing only when it is not None, so a saved folder keeps
+    its source's meaning (unnamed: each sampler's default grid; "leading": every sampler's)."""
+    from load_weights import _config_dict
+
+    for raw in (SD15_PNDM, LEADING["sd15-pndm-leading"]):
+        config = SchedulerConfig.from_dict(raw)
+        for raw_configs in ({"scheduler": raw}, {}):  # read from a folder; a preset (no file)
+            pipeline = SimpleNamespace(scheduler=DDPMScheduler(config), raw_configs=raw_configs)
+            saved = _config_dict("scheduler", pipeline)
+            assert saved.get("timestep_spacing") == raw.get("timestep_spacing")
+            assert SchedulerConfig.from_dict(saved) == config
+
+
 # ---- DPM-Solver++(2M), with and without Karras sigmas, and Euler ancestral ----------------------
+
+
+def assert_same_grids(ours, ref, step_counts):
+    for n in step_counts:
+        ours.set_timesteps(n)
+        ref.set_timesteps(n)
+        assert ours.timesteps.dtype == ref.timesteps.dtype, n
+        assert torch.equal(ours.timesteps, ref.timesteps), n
+        assert ours.sigmas.dtype == torch.float32 and torch.equal(ours.sigmas, ref.sigmas), n
+        assert float(ours.init_noise_sigma) == float(ref.init_noise_sigma), n
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -268,13 +325,18 @@ def test_sigma_sampler_grids_equal_diffusers(kind, name):
     """timesteps (what the UNet is told), sigmas (n + 1, ending at 0) and init_noise_sigma are
     identical for every step count tried, among them grids with ties such as 499.5 (n = 26)."""
     ours, ref = ours_and_ref(kind, CONFIGS[name])
-    for n in [*range(1, 61), 99, 100, 101, 250, 333, 500, 999, 1000]:
-        ours.set_timesteps(n)
-        ref.set_timesteps(n)
-        assert ours.timesteps.dtype == ref.timesteps.dtype, n
-        assert torch.equal(ours.timesteps, ref.timesteps), n
-        assert ours.sigmas.dtype == torch.float32 and torch.equal(ours.sigmas, ref.sigmas), n
-        assert float(ours.init_noise_sigma) == float(ref.init_noise_sigma), n
+    assert ours.timestep_spacing == ref.config.timestep_spacing == "linspace"
+    assert_same_grids(ours, ref, [*range(1, 61), 99, 100, 101, 250, 333, 500, 999, 1000])
+
+
+@pytest.mark.parametrize("name", LEADING)
+@pytest.mark.parametrize("kind", SIGMA_SAMPLERS)
+def test_sigma_sampler_leading_grids_equal_diffusers(kind, name):
+    """A config naming "leading" gives diffusers' leading grids (steps_offset included; Karras
+    sigmas do not depend on it), identical for every step count whose grid fits in [0, T - 1]."""
+    ours, ref = ours_and_ref(kind, LEADING[name])
+    assert ours.timestep_spacing == ref.config.timestep_spacing == "leading"
+    assert_same_grids(ours, ref, [*range(1, 61), 99, 100, 101, 250, 333, 500])
 
 
 def test_sigma_sampler_grid_numbers():
@@ -296,13 +358,34 @@ def test_sigma_sampler_grid_numbers():
     assert karras_sigmas(0.03, 14.6, 1).tolist() == [pytest.approx(14.6)]
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+def test_sigma_sampler_leading_grid_numbers():
+    sd15_leading = SchedulerConfig.from_dict(LEADING["sd15-pndm-leading"])
+    dpm = DPMSolverMultistepScheduler(sd15_leading)
+    dpm.set_timesteps(20)  # k * (1000 // 21) + 1 for k = 20, ..., 1
+    assert dpm.timesteps[:3].tolist() == [941, 894, 847] and dpm.timesteps[-1].item() == 48
+    assert torch.equal(dpm.sigmas[:-1], dpm.train_sigmas[dpm.timesteps])
+    euler = EulerAncestralScheduler(sd15_leading)
+    euler.set_timesteps(4)  # DDIM's grid: k * 250 + 1 for k = 3, ..., 0
+    assert euler.timesteps.tolist() == [751, 501, 251, 1] and euler.timesteps.dtype == torch.float32
+    assert euler.init_noise_sigma == (euler.sigmas[0] ** 2 + 1) ** 0.5
+    ddim = DDIMScheduler(sd15_leading)
+    ddim.set_timesteps(4)
+    assert ddim.timesteps.tolist() == [751, 501, 251, 1]
+    karras = DPMSolverMultistepScheduler(sd15_leading, use_karras_sigmas=True)
+    karras_default = DPMSolverMultistepScheduler(PRESETS["sd15"], use_karras_sigmas=True)
+    karras.set_timesteps(15)
+    karras_default.set_timesteps(15)
+    assert torch.equal(karras.timesteps, karras_default.timesteps) and torch.equal(karras.sigmas, karras_default.sigmas)
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
 @pytest.mark.parametrize("kind", SIGMA_SAMPLERS)
 @pytest.mark.parametrize("steps", [1, 2, 3, 20, 50])
 def test_sigma_samplers_match_diffusers(kind, name, steps):
-    """Every step within TOL of diffusers (epsilon, v-prediction, linear betas), with one generator
-    per item for Euler's noise; 1 and 2 steps are first-order steps only (DPM-Solver++)."""
-    run_both(kind, CONFIGS[name], steps, generators=[0, 1])
+    """Every step within TOL of diffusers (epsilon, v-prediction, linear betas; default and leading
+    grids), with one generator per item for Euler's noise; 1 and 2 steps are first-order steps
+    only (DPM-Solver++)."""
+    run_both(kind, ALL_CONFIGS[name], steps, generators=[0, 1])
 
 
 def test_dpm_solver_sample_prediction_matches_diffusers():

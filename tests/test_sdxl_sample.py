@@ -64,18 +64,16 @@ def pipelines(folders):
 
 
 def reference_scheduler(ref, name):
-    """diffusers' sampler for our `name`, from_config of the folder's scheduler config. Our
-    DPM-Solver++ and Euler ancestral keep diffusers' default grid for them, "linspace", where
-    SDXL's config names "leading" (schedulers._SigmaSampler): diffusers' are given that grid too."""
+    """diffusers' sampler for our `name`, from_config of the folder's scheduler config (SDXL's
+    names "leading" spacing: every sampler takes its leading grid, ours as diffusers')."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 
     config = ref.folder_scheduler_config
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     if name == "dpmpp_2m":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
-                                                       timestep_spacing="linspace")
-    return EulerAncestralDiscreteScheduler.from_config(config, timestep_spacing="linspace")
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    return EulerAncestralDiscreteScheduler.from_config(config)
 
 
 def generators(seeds):

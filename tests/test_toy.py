@@ -176,7 +176,8 @@ def test_ablation_lora_mode(tmp_path, toy):
     table = (tmp_path / "lora.md").read_text()
     assert f"| lora-r4 | {lora_run['trained_numbers']:,} | 0." in table  # under 1 MB of adapters
     assert "paired difference from full" in table and (tmp_path / "lora-bee_square-seed0.png").is_file()
-    for bad in (["--lora", "0"], ["--lora", "4", "--class_samplers", "ddim:5"], ["--lora", "4", "--lora_lr", "0"]):
+    for bad in (["--lora", "0"], ["--lora", "4", "--class_samplers", "ddim:5"], ["--lora", "4", "--lora_lr", "0"],
+                ["--lora_targets", "conv1"]):
         with pytest.raises(SystemExit) as stopped:
             ablation.main(bad + ["--out", str(tmp_path / "bad")])
         assert stopped.value.code == 2
