@@ -26,9 +26,15 @@ train.py's own code before the runs, and timed), everything else identical (same
 training noise), so that the arms differ only in their class images. It tables PRES, DIV and
 subject fidelity per sampler, and each arm's paired difference from the first arm.
 
+LoRA vs full fine-tuning (--lora RANK ...): per subject and seed, full fine-tuning and one LoRA
+per rank (train.py --lora_rank), all with prior preservation from the same class images, the same
+identifier and training noise. It tables PRES, DIV, subject and prompt fidelity, the numbers each
+trains and the bytes of weights it writes, and each LoRA's paired difference from full fine-tuning.
+
     python -m toy.ablation                       # 3 subjects x 3 seeds (see --help), about 30 min
     python -m toy.ablation --quick --out /tmp/a  # the reduced CI mode, about a minute
     python -m toy.ablation --class_samplers ddim:50 dpmpp_2m_karras:20 --out toy-samplers --threads 1
+    python -m toy.ablation --lora 4 16 --out toy-lora --threads 1   # about 22 min
 """
 import argparse
 import json
