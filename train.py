@@ -1154,20 +1154,20 @@ def train(args, env=None):
     (its lock), and leftovers of an interrupted earlier run are cleaned first."""
     env = env or Distributed(args.device)
     concepts = read_concepts(args)
+    instance_paths = list_instance_images(concepts)  # one list per concept; before any folder is made
     output_dir = prepare_output_dir(args, env, concepts)
     with RunLock(output_dir) if env.main else contextlib.nullcontext():
         if env.main:
             clean_leftovers(output_dir, concepts)
             if args.push_to_hub:  # now: a refusal (permission, network) must not wait for the end of training
                 create_hub_repo(args)
-        return fine_tune(args, env, output_dir, concepts)
+        return fine_tune(args, env, output_dir, concepts, instance_paths)
 
 
-def fine_tune(args, env, output_dir, concepts):
+def fine_tune(args, env, output_dir, concepts, instance_paths):
     """The phases of DreamBooth, in the order of dreambooth.py, then the training loop."""
     say = (lambda *a: print(*a, file=sys.stderr)) if env.main else (lambda *a: None)
     autocast = lambda: sample.autocast(env.device, args.mixed_precision)  # noqa: E731
-    instance_paths = list_instance_images(concepts)                              # one list per concept
     checkpoint = find_checkpoint(args, output_dir / "checkpoints") if args.resume else None
     torch.manual_seed(args.seed)
     pipeline = load_for_training(args, env.device)                               # 1. model

@@ -315,3 +315,9 @@ def test_sample_py_names_an_interrupted_save(tiny_sd1, tmp_path):
                             cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2 and "holds an interrupted save" in result.stderr and "Traceback" not in result.stderr
     assert "--finish_save" in result.stderr
+
+
+def test_bad_photos_create_no_output_folder(tiny_sd1, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    err = fails(tiny_sd1, tmp_path / "empty", tmp_path / "out", capsys)
+    assert "holds no images" in err and not (tmp_path / "out").exists()
