@@ -30,6 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 import sample
+from load_weights import write_atomically
 
 # ----------------------------------------------------------------------------------------------
 # 1. The rare-token identifier (section 3.2)
@@ -200,9 +201,8 @@ def ensure_class_images(pipeline, class_dir, class_prompt, num_images, *, seed=0
             images = sample.generate(pipeline, [class_prompt] * len(run), seed=seed + run[0],
                                      batch_size=batch_size, progress=False, **sampler_args)
             for i, image in zip(run, images):
-                tmp = class_dir / f".class-{i:05d}.png.tmp"
-                image.save(tmp, format="PNG")
-                tmp.replace(class_dir / f"class-{i:05d}.png")  # never a half-written image
+                # never a half-written image under its final name
+                write_atomically(class_dir / f"class-{i:05d}.png", lambda tmp: image.save(tmp, format="PNG"))  # noqa: B023
             bar.update(len(run))
     bar.close()
     barrier()

@@ -48,7 +48,7 @@ import dreambooth
 import lora
 import sample
 from clip_text import CLIPTokenizer
-from load_weights import LoadError
+from load_weights import LoadError, write_atomically
 from vision import (CLIP_MODEL, DINO_MODEL, TINY_CLIP, TINY_DINO, CLIPTextModelWithProjection,
                     CLIPVisionModelWithProjection, ViTModel, load_clip, load_dino, preprocess, random_encoder)
 
@@ -441,9 +441,7 @@ def main(argv=None):
                            "mixed_precision": args.mixed_precision},
               "per_prompt": [{"subject_prompt": s, **row} for s, row in zip(subject_prompts, rows)]}
     out = output_path(args)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    write_atomically(out, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     print(format_report(result))
     print(f"\nwrote {out}", file=sys.stderr)
     return 0

@@ -946,18 +946,25 @@ def export_single_file(pipeline, path, *, fp16=True):
                 tensor = tensor.T  # our Linear's weight [proj, width] -> OpenCLIP's P [width, proj]
             out[original] = tensor.contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda tmp: save_file(out, tmp, metadata={"format": "pt"}))
+    return path
+
+
+def write_atomically(path, write):
+    """write(tmp) fills .NAME.tmp beside `path`; one rename then replaces `path`, so a kill or a
+    full disk never leaves a partial file under the final name (a failed write's .tmp is removed;
+    train.py's clean_leftovers removes one a kill leaves)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file(out, tmp, metadata={"format": "pt"})
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
 if __name__ == "__main__":
     import argparse
-    import sys
     parser = argparse.ArgumentParser(description="Repair a model folder whose save was interrupted.")
     parser.add_argument("--finish_save", metavar="FOLDER", required=True,
                         help="complete the interrupted save in FOLDER (see save_pipeline)")

@@ -43,9 +43,7 @@ Files (save_lora / load_lora), both in safetensors:
 """
 import json
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -55,7 +53,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from load_weights import LoadError, compact, read_state_dict
+from load_weights import LoadError, compact, read_state_dict, write_atomically
 
 # Module-name suffixes that inject_lora adapts (a name matches when it is the suffix or ends with
 # "." + suffix). The UNet's are diffusers' train_dreambooth_lora.py defaults: the attention
@@ -392,14 +390,7 @@ def save_lora(path, unet, text_encoder=None, fmt="diffusers"):
         raise ValueError("the models have no LoRA adapters to save: call inject_lora first")
     tensors, metadata = to_file_tensors(states, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 import lora
 from clip_text import sdxl_text_conditioning
-from load_weights import DEFAULT_MODEL, LoadError, load_pipeline
+from load_weights import DEFAULT_MODEL, LoadError, load_pipeline, write_atomically
 from schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralScheduler, randn
 
 # --scheduler name -> the sampler, built from the model's scheduler config; eta is DDIM's own setting.
@@ -411,13 +411,7 @@ def save_png(image: Image.Image, path: Path) -> None:
     metadata = PngInfo()
     for key, value in image.info.items():
         metadata.add_text(key, str(value))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=metadata)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=metadata))
 
 
 def check_writable_folder(flag, folder):

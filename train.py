@@ -63,7 +63,8 @@ import lora
 import optim
 import sample
 from load_weights import (DEFAULT_MODEL, PIPELINE_ENTRIES, TOY_MODEL, LoadError, export_single_file,
-                          finish_interrupted_save, load_pickle, load_pipeline, save_pipeline)
+                          finish_interrupted_save, load_pickle, load_pipeline, save_pipeline,
+                          write_atomically)
 
 
 class TrainError(Exception):
@@ -947,17 +948,6 @@ def single_file_name(output_dir):
     return f"{Path(output_dir).resolve().name}.safetensors"
 
 
-def write_atomically(path, write):
-    """write(tmp) fills .NAME.tmp beside `path` (clean_leftovers removes one an interruption
-    leaves); one rename then replaces `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_lora_output(pipeline, args, info, files, output_dir):
     """A LoRA run's output: the adapters in diffusers' format (lora.LORA_FILE, what
     load_lora_weights(folder) reads) and in kohya's (<name>.safetensors, for AUTOMATIC1111 and
@@ -1362,9 +1352,7 @@ def read_json(path):
 def write_run_record(output_dir, record):
     path = output_dir / RUN_DIR / "run.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".run.json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
 
 
 def clean_leftovers(output_dir, concepts):
