@@ -699,15 +699,11 @@ def load_single_file(path, *, config=None, prediction_type=None, dtype=torch.flo
     if (family == "sdxl") != ("text_encoder_2" in configs):
         raise LoadError(f"{path} is an {'SDXL' if family == 'sdxl' else 'SD 1.x/2.x'} file, but the config "
                         f"{config} is not: pass config= a folder of the same model family.")
-    if prediction_type is not None:
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise LoadError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}.")
-        raw["scheduler"] = {**raw["scheduler"], "prediction_type": prediction_type}
-        configs["scheduler"] = dataclasses.replace(configs["scheduler"], prediction_type=prediction_type)
     modules = modules_from_original(path, checkpoint, configs, TEXT_PREFIXES[family], dtype=dtype, device=device)
-    return Pipeline(**read_tokenizers(config, configs), scheduler=DDPMScheduler(configs["scheduler"]),
-                    source=str(path), raw_configs=raw,
-                    force_zeros_for_empty_prompt=force_zeros_for_empty_prompt(config, configs), **modules)
+    pipeline = Pipeline(**read_tokenizers(config, configs), scheduler=DDPMScheduler(configs["scheduler"]),
+                        source=str(path), raw_configs=raw,
+                        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt(config, configs), **modules)
+    return with_prediction_type(pipeline, prediction_type)
 
 
 def modules_from_original(path, checkpoint, configs, text_prefix, *, dtype, device):
