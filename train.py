@@ -164,7 +164,7 @@ def text_encoders(pipeline):
     return [e for e in (pipeline.text_encoder, pipeline.text_encoder_2) if e is not None]
 
 
-SDXL_UNET_PARAMETERS = 2.6e9  # SDXL base's UNet (2.57 B); fp32 weights, gradients, AdamW's 2 moments: 16 bytes each
+SDXL_UNET_PARAMETERS = 2.567e9  # SDXL base's UNet (2,567,463,684 parameters); fp32 weights, gradients, AdamW's 2 moments: 16 bytes each
 
 
 def check_sdxl_training(pipeline, args):
