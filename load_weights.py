@@ -22,6 +22,7 @@ Checkpoints are data, not code: pickles are read only with torch.load(weights_on
 """
 
 import dataclasses
+import errno
 import json
 import os
 import pickle
@@ -957,6 +958,20 @@ def write_atomically(path, write):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def is_disk_full(error):
+    """Whether a failed write failed for want of space (torch.save reports it as "unexpected pos")."""
+    return getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error)
+
+
+def disk_full_message(path, advice):
+    """The one message for a full disk: what failed, how much room is left there, what to do."""
+    where = Path(path)
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    return f"the disk is full: writing {path} failed with {free / 2**20:.1f} MiB left on that disk. {advice}"
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ Command line (see --help):
 """
 import argparse
 import contextlib
-import errno
 import json
 import os
 import re
@@ -45,7 +44,7 @@ from tqdm.auto import tqdm
 
 import lora
 from clip_text import sdxl_text_conditioning
-from load_weights import DEFAULT_MODEL, LoadError, load_pipeline, write_atomically
+from load_weights import DEFAULT_MODEL, LoadError, disk_full_message, is_disk_full, load_pipeline, write_atomically
 from schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralScheduler, randn
 
 # --scheduler name -> the sampler, built from the model's scheduler config; eta is DDIM's own setting.
@@ -504,10 +503,10 @@ def main(argv=None) -> int:
     try:
         grid_path = write_images(images, len(prompts), Path(args.out_dir))
     except OSError as e:
-        if e.errno != errno.ENOSPC:
+        if not is_disk_full(e):
             raise
-        parser.exit(1, f"error: the disk is full (writing {e.filename or args.out_dir}): free some space and "
-                       "run again (the same --seed gives the same images)\n")
+        parser.exit(1, "error: " + disk_full_message(e.filename or args.out_dir, "Free some space and run again "
+                                                     "(the same --seed gives the same images).") + "\n")
     print(f"wrote {len(images)} image{'s' if len(images) != 1 else ''} and {grid_path} to {args.out_dir}")
     return 0
 

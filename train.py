@@ -33,7 +33,6 @@ import argparse
 import atexit
 import contextlib
 import datetime
-import errno
 import hashlib
 import io
 import json
@@ -62,9 +61,9 @@ import dreambooth
 import lora
 import optim
 import sample
-from load_weights import (DEFAULT_MODEL, PIPELINE_ENTRIES, TOY_MODEL, LoadError, export_single_file,
-                          finish_interrupted_save, load_pickle, load_pipeline, save_pipeline,
-                          write_atomically)
+from load_weights import (DEFAULT_MODEL, PIPELINE_ENTRIES, TOY_MODEL, LoadError, disk_full_message,
+                          export_single_file, finish_interrupted_save, is_disk_full, load_pickle, load_pipeline,
+                          save_pipeline, write_atomically)
 
 
 class TrainError(Exception):
@@ -662,16 +661,11 @@ def save_checkpoint(folder, step, pipeline, trainer, data, log, record, args, en
 
 
 def write_failure(error, path):
-    """A TrainError for a full disk (torch.save reports one as "unexpected pos"), else `error`."""
-    full = getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error)
-    if not full:
+    """A TrainError for a full disk, else `error`."""
+    if not is_disk_full(error):
         return error
-    where = Path(path).parent if not Path(path).exists() else Path(path)
-    while not where.exists():
-        where = where.parent
-    free = shutil.disk_usage(where).free
-    return TrainError(f"the disk is full: writing {path} failed with {free / 2**20:.1f} MiB left on that disk. "
-                      "Free some space (or lower --keep_checkpoints) and run again with --resume latest.", exit_code=1)
+    return TrainError(disk_full_message(path, "Free some space (or lower --keep_checkpoints) and run again with "
+                                              "--resume latest."), exit_code=1)
 
 
 def find_checkpoint(args, checkpoints_dir):
@@ -1806,10 +1800,10 @@ def main(argv=None):
             env = Distributed(args.device)
             return train(args, env)
         except OSError as e:
-            if e.errno != errno.ENOSPC:
+            if not is_disk_full(e):
                 raise
-            raise TrainError(f"the disk is full (writing {e.filename or args.output_dir}): free some space, then "
-                             "run again (with --resume latest if a checkpoint was written)", exit_code=1) from None
+            raise TrainError(disk_full_message(e.filename or args.output_dir, "Free some space, then run again (with "
+                                               "--resume latest if a checkpoint was written)."), exit_code=1) from None
     except TrainError as e:
         name_failed_rank(env)
         parser.exit(e.exit_code, f"error: {e}\n")

@@ -1,5 +1,6 @@
 """train.py's output folder: one run per folder, resume only the same run, a lock, extension of a
 finished run, leftovers cleaned, checks before the work, clear errors for broken checkpoints."""
+import errno
 import json
 import os
 import shutil
@@ -215,6 +216,16 @@ def test_disk_full_while_checkpointing(tiny_sd1, instance_dir, tmp_path, capsys,
                 "--no_prior_preservation", code=1)
     assert "the disk is full: writing" in err and "MiB left" in err and "Traceback" not in err
     assert not list((out / "checkpoints").glob(".step-*")), "a partial checkpoint was left behind"
+
+
+def test_disk_full_anywhere_else(tiny_sd1, instance_dir, tmp_path, capsys, monkeypatch):
+    """An ENOSPC outside the checkpoint writer (here, saving the final model) gets the same message."""
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "unet"))
+    monkeypatch.setattr(train, "save_final_model", full)
+    err = fails(tiny_sd1, instance_dir, tmp_path / "out", capsys, "--max_steps", "1", "--no_prior_preservation", code=1)
+    assert "the disk is full: writing" in err and "MiB left on that disk" in err and "--resume latest" in err
+    assert "Traceback" not in err
 
 
 def test_ctrl_c_before_any_checkpoint_says_nothing_can_be_resumed(tiny_sd1, instance_dir, tmp_path, capsys, monkeypatch):
