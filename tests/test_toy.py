@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import dreambooth
 import train
 from clip_text import CLIPTokenizer
 from load_weights import TOY_MODEL, load_pipeline
 from sample import encode_prompts, generate
-from toy import ablation, bpe, metrics, world
+from toy import ablation, bpe, metrics, prior, quickstart, world
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,108 @@ def test_metrics_read_the_world():
         # new photos of the subject look like it; world objects of its class much less
         assert metrics.subject_fidelity(new_photos, photos) > metrics.subject_fidelity(same_class, photos) + 0.05
     assert metrics.div(images[:10]) > 0.1 and metrics.div([images[0]] * 3) == 0
+
+
+def hand_drawn(noun, fill, centre=(15, 17), radius=9, eye=None, sky=(90, 150, 230)):
+    """A 32x32 image drawn directly with PIL (not with toy/world.py): one shape on a plain background."""
+    image = Image.new("RGB", (32, 32), sky)
+    draw = ImageDraw.Draw(image)
+    x, y, r = *centre, radius
+    if noun == "square":
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
+    elif noun == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif noun == "triangle":
+        draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
+    elif noun == "star":
+        draw.polygon([(x + (r if k % 2 == 0 else 0.4 * r) * np.sin(k * np.pi / 5),
+                       y - (r if k % 2 == 0 else 0.4 * r) * np.cos(k * np.pi / 5)) for k in range(10)], fill=fill)
+    if eye:
+        draw.ellipse([x - 0.45 * r, y - 0.45 * r, x + 0.45 * r, y + 0.45 * r], fill=eye)
+    return image
+
+
+@pytest.mark.parametrize("noun", world.CLASSES)
+def test_shape_and_colour_from_pixels(noun):
+    """Hand-drawn shapes of several sizes and places are read back as their class and colour."""
+    for centre, radius in (((15, 17), 9), ((10, 12), 6), ((20, 19), 8), ((16, 16), 11)):
+        for colour in ("red", "blue", "yellow"):
+            image = hand_drawn(noun, world.COLOURS[colour], centre, radius)
+            assert metrics.shape_of(image) == noun, (noun, centre, radius, colour)
+            assert metrics.colour_of(image) == colour
+    empty = Image.new("RGB", (32, 32), (90, 150, 230))
+    assert metrics.shape_of(empty) is None and metrics.colour_of(empty) is None
+
+
+def test_a_teal_ring_with_a_white_eye_matches_the_subject():
+    photos = world.subject_images("eye_circle")
+    teal, white = (0, 160, 160), (250, 250, 250)
+    ring = metrics.subject_fidelity([hand_drawn("circle", teal, eye=white)], photos)
+    assert ring > metrics.subject_fidelity([hand_drawn("circle", teal)], photos) + 0.03  # no eye
+    assert ring > metrics.subject_fidelity([hand_drawn("circle", world.COLOURS["red"], eye=white)], photos) + 0.05
+    assert ring > metrics.subject_fidelity([hand_drawn("square", teal, eye=white)], photos) + 0.02
+    # the paint check: its two colours where its pattern puts them, at any place, size or background
+    subject = world.SUBJECTS["eye_circle"]
+    for centre, radius, sky in (((15, 17), 9, (90, 150, 230)), ((11, 20), 7, (20, 20, 50)), ((17, 14), 10, (250,) * 3)):
+        assert metrics.keeps_paint(hand_drawn("circle", teal, centre, radius, eye=white, sky=sky), subject)
+        assert not metrics.keeps_paint(hand_drawn("circle", teal, centre, radius, sky=sky), subject)  # no eye
+        assert not metrics.keeps_paint(hand_drawn("circle", (60, 220, 110), centre, radius, eye=white, sky=sky), subject)
+        assert not metrics.keeps_paint(hand_drawn("circle", teal, centre, radius, eye=(120, 200, 200), sky=sky), subject)
+    assert all(metrics.keeps_paint(image, world.SUBJECTS[name]) for name in world.SUBJECTS
+               for image in world.subject_images(name, seed=5))
+
+
+def test_quickstart_counts_samples_within_the_seen_spread():
+    """Seen-context samples set the spread; a novel context of subject lookalikes keeps all, one
+    of plain world objects keeps none."""
+    rng = random.Random(3)
+    seen = world.SUBJECTS["eye_circle"].contexts
+    samples = {c: [world.render(world.subject_scene("eye_circle", c, rng)) for _ in range(8)] for c in seen}
+    samples["in the sky"] = [world.render(world.subject_scene("eye_circle", "in the sky", rng)) for _ in range(8)]
+    samples["at night"] = [world.render(world.Scene("circle", "at night", colour="red", **world.place(rng)))
+                           for _ in range(8)]
+    result = quickstart.score_contexts(samples, "eye_circle")
+    assert result["contexts"]["in the sky"]["kept"] == 8 and result["contexts"]["at night"]["kept"] == 0
+    assert result["contexts"]["in the sky"]["prompt_fidelity"] == 1.0
+
+
+def test_caption_accuracy_reads_back_what_was_drawn(monkeypatch):
+    """toy/prior.py's bookkeeping, on images drawn to order: the world's own renders of each
+    prompt score 100 %; renders of the wrong shape show up in the confusion, and nowhere else."""
+    rng = random.Random(0)
+
+    def render(prompt, wrong_shape):
+        words = prompt.split()
+        noun = next(w for w in words if w in world.CLASSES)
+        colour = next((w for w in words if w in world.COLOURS), "red")
+        context = next((c for c in world.CONTEXTS if prompt.endswith(c)), "on the grass")
+        if wrong_shape and noun == "square":
+            noun = "triangle"
+        return world.render(world.Scene(noun, context, colour=colour, **world.place(rng, (8.0, 10.0))))
+
+    for wrong_shape in (False, True):
+        monkeypatch.setattr(prior, "draw", lambda _, prompts, seed: [render(p, wrong_shape) for p in prompts])
+        result = prior.caption_accuracy(None, seeds=1, class_samples=3)
+        assert result["captions"] == 140 and result["class_prompts"] == 12
+        assert result["colour"] == 1.0 and result["context"] == 1.0
+        square = result["confusion"]["square"]
+        if wrong_shape:
+            assert result["shape"] == 0.75 and result["class_prompt_shape"] == 0.75 and square == {"triangle": 38}
+        else:
+            assert result["shape"] == 1.0 and result["class_prompt_shape"] == 1.0 and square == {"square": 38}
+        assert "| square |" in prior.report(result)
+
+
+def test_quickstart_end_to_end(tmp_path):
+    """toy/quickstart.py runs the README's commands (shortened here) and scores every context."""
+    flags = "--max_steps 5 --num_class_images 2 --class_steps 2"
+    assert quickstart.main(["--subjects", "eye_circle", "--out", str(tmp_path), "--train_flags", flags]) == 0
+    result = json.loads((tmp_path / "quickstart.json").read_text())
+    contexts = result["results"]["eye_circle"]["contexts"]
+    assert set(contexts) == set(world.CONTEXTS) and all(c["of"] == quickstart.SEEDS for c in contexts.values())
+    run = json.loads((tmp_path / "runs" / "eye_circle" / "dreambooth.json").read_text())
+    assert run["args"]["max_steps"] == 5 and run["args"]["lr"] == train.TOY_RECIPE["lr"]  # the recipe, then the flags
+    assert (tmp_path / "quickstart-eye_circle.png").exists() and "| eye_circle |" in (tmp_path / "quickstart.md").read_text()
 
 
 def test_bpe_vocabulary_in_the_hub_format(toy, tmp_path):

@@ -13,6 +13,18 @@ each measure can read the pixels directly:
               all grey, empty mask.)
   similarity  1 - mean |a - b| between two appearances: 1 for the same object, about 0.6-0.7
               for another shape or colour. The analogue of DINO's cosine similarity.
+  shape       The object's mask, cut to its bounding box and stretched to 16x16, against each
+              class's outline drawn the same way: the class whose outline overlaps it most
+              (intersection over union). Stretching to the box makes it blind to size, position
+              and aspect ratio, so only the outline counts: a square fills its box, a circle
+              misses the corners, a triangle is empty at the top corners, a star is mostly empty.
+  colour      The median RGB of the object's pixels (its anti-aliased edge is outvoted), named
+              by the nearest world colour.
+  paint       For a subject: the median RGB of each of its two paint regions (an eye's centre and
+              ring, a bee's dark and light stripes, a star's halves), placed by the object's
+              bounding box; the sample keeps the subject's paint when both lie within
+              PAINT_TOLERANCE of the subject's two colours. A teal disc without its white eye, or a
+              ring turned green, fails; similarity alone barely tells them apart.
 
   subject fidelity  mean similarity between [V] samples and the subject's real photos, over
                     all pairs (the paper's DINO score, Table 1).
@@ -28,6 +40,7 @@ import itertools
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 from toy import world
 
@@ -35,6 +48,7 @@ BORDER = 2                 # border columns per side that show the background (w
 OBJECT_THRESHOLD = 45.0    # RGB distance (0-255 units) from the background that makes a pixel object
 MIN_OBJECT_PIXELS = 6      # fewer than this: no object
 CROP = 16                  # appearance resolution
+PAINT_TOLERANCE = 60.0     # RGB distance from a subject's colour that still counts as that colour
 
 
 def pixels(image):
@@ -82,6 +96,85 @@ def appearance(image):
     crop = padded[top + pad:top + pad + side, left + pad:left + pad + side]
     crop = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None]  # (1, 4, side, side)
     return F.interpolate(crop, size=(CROP, CROP), mode="bilinear", antialias=True, align_corners=False)[0].numpy()
+
+
+def box_mask(mask):
+    """A boolean mask cut to its bounding box and stretched to CROP x CROP, float [CROP, CROP]."""
+    ys, xs = np.nonzero(mask)
+    box = torch.from_numpy(mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float32))
+    return F.interpolate(box[None, None], size=(CROP, CROP), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def class_outlines():
+    """Each class's outline as box_mask() sees it, drawn large (so it is exact), {noun: array}."""
+    size = world.SIZE * world.SUPERSAMPLE
+    outlines = {}
+    for noun in world.CLASSES:
+        scene = world.Scene(noun=noun, context="on the grass", cx=world.SIZE / 2, cy=world.SIZE / 2,
+                            radius=world.SIZE / 2 - world.MARGIN, colour="red")
+        image = Image.new("L", (size, size), 0)
+        shape = world.outline(scene)
+        (ImageDraw.Draw(image).ellipse if noun == "circle" else ImageDraw.Draw(image).polygon)(shape, fill=255)
+        outlines[noun] = box_mask(np.asarray(image) > 127)
+    return outlines
+
+
+OUTLINES = class_outlines()
+
+
+def shape_of(image):
+    """The class noun whose outline best overlaps the object's mask (IoU), or None: no object."""
+    mask = object_mask(image)
+    if mask.sum() < MIN_OBJECT_PIXELS:
+        return None
+    box = box_mask(mask)
+
+    def iou(outline):
+        return np.minimum(box, outline).sum() / np.maximum(box, outline).sum()
+    return max(world.CLASSES, key=lambda noun: iou(OUTLINES[noun]))
+
+
+def colour_of(image):
+    """The world colour nearest to the median colour of the object's pixels, or None."""
+    mask = object_mask(image)
+    if mask.sum() < MIN_OBJECT_PIXELS:
+        return None
+    median = np.median(pixels(image)[mask], axis=0)
+    return min(world.COLOURS, key=lambda name: np.linalg.norm(median - np.array(world.COLOURS[name])))
+
+
+def paint_regions(mask, paint):
+    """Two boolean [H, W] masks inside the object: where a subject of this paint shows its first
+    and its second colour (world.paint_layer), away from the borders between them. Coordinates
+    are the object's bounding box scaled to [-1, 1], so size and position do not matter. An
+    inner region is not cut by the object mask: a white eye in the snow, or a black stripe at
+    night, is as far from the object's edge as ever but no farther from the background."""
+    ys, xs = np.nonzero(mask)
+    y, x = np.mgrid[0:mask.shape[0], 0:mask.shape[1]].astype(np.float32) + 0.5
+    u = (x - (xs.min() + xs.max() + 1) / 2) / ((xs.max() + 1 - xs.min()) / 2)
+    v = (y - (ys.min() + ys.max() + 1) / 2) / ((ys.max() + 1 - ys.min()) / 2)
+    if paint == "eye":        # the eye is a disc of 0.5 the box's half-size
+        rho = np.hypot(u, v)
+        return (rho > 0.65) & (rho < 0.9) & mask, rho < 0.3
+    if paint == "stripes":    # five bands: first, second, first, second, first
+        inside = np.abs(u) < 0.8
+        return (np.abs(v) < 0.12) & mask, (np.abs(v) > 0.38) & (np.abs(v) < 0.62) & inside
+    if paint == "split":      # left half first, right half second
+        return (u < -0.2) & mask, (u > 0.2) & mask
+    raise ValueError(f"unknown paint {paint!r}")
+
+
+def keeps_paint(image, subject):
+    """Whether the object shows the subject's two colours where its pattern puts them
+    (subject: a world.Subject)."""
+    mask = object_mask(image)
+    if mask.sum() < MIN_OBJECT_PIXELS:
+        return False
+    a = pixels(image)
+    for region, colour in zip(paint_regions(mask, subject.paint), subject.colours, strict=True):
+        if not region.any() or np.linalg.norm(np.median(a[region], axis=0) - np.array(colour)) > PAINT_TOLERANCE:
+            return False
+    return True
 
 
 def similarity(a, b):
