@@ -40,7 +40,6 @@ import itertools
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 from toy import world
 
@@ -68,6 +67,12 @@ def object_mask(image):
     return np.linalg.norm(a - background_rows(image)[:, None, :], axis=-1) > OBJECT_THRESHOLD
 
 
+def found_object(image):
+    """object_mask(image), or None where it has too few pixels to be an object."""
+    mask = object_mask(image)
+    return None if mask.sum() < MIN_OBJECT_PIXELS else mask
+
+
 def context_of(image):
     """The context whose background gradient is nearest to the image's border colours."""
     rows = background_rows(image)
@@ -80,8 +85,8 @@ def context_of(image):
 
 def appearance(image):
     """The object's appearance as a float array [4, CROP, CROP] (see the module docstring)."""
-    a, mask = pixels(image) / 255.0, object_mask(image)
-    if mask.sum() < MIN_OBJECT_PIXELS:
+    a, mask = pixels(image) / 255.0, found_object(image)
+    if mask is None:
         return np.concatenate([np.full((3, CROP, CROP), 0.5, np.float32), np.zeros((1, CROP, CROP), np.float32)])
     ys, xs = np.nonzero(mask)
     cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
@@ -107,15 +112,11 @@ def box_mask(mask):
 
 def class_outlines():
     """Each class's outline as box_mask() sees it, drawn large (so it is exact), {noun: array}."""
-    size = world.SIZE * world.SUPERSAMPLE
     outlines = {}
     for noun in world.CLASSES:
         scene = world.Scene(noun=noun, context="on the grass", cx=world.SIZE / 2, cy=world.SIZE / 2,
                             radius=world.SIZE / 2 - world.MARGIN, colour="red")
-        image = Image.new("L", (size, size), 0)
-        shape = world.outline(scene)
-        (ImageDraw.Draw(image).ellipse if noun == "circle" else ImageDraw.Draw(image).polygon)(shape, fill=255)
-        outlines[noun] = box_mask(np.asarray(image) > 127)
+        outlines[noun] = box_mask(np.asarray(world.shape_mask(scene)) > 127)
     return outlines
 
 
@@ -124,8 +125,8 @@ OUTLINES = class_outlines()
 
 def shape_of(image):
     """The class noun whose outline best overlaps the object's mask (IoU), or None: no object."""
-    mask = object_mask(image)
-    if mask.sum() < MIN_OBJECT_PIXELS:
+    mask = found_object(image)
+    if mask is None:
         return None
     box = box_mask(mask)
 
@@ -136,8 +137,8 @@ def shape_of(image):
 
 def colour_of(image):
     """The world colour nearest to the median colour of the object's pixels, or None."""
-    mask = object_mask(image)
-    if mask.sum() < MIN_OBJECT_PIXELS:
+    mask = found_object(image)
+    if mask is None:
         return None
     median = np.median(pixels(image)[mask], axis=0)
     return min(world.COLOURS, key=lambda name: np.linalg.norm(median - np.array(world.COLOURS[name])))
@@ -167,8 +168,8 @@ def paint_regions(mask, paint):
 def keeps_paint(image, subject):
     """Whether the object shows the subject's two colours where its pattern puts them
     (subject: a world.Subject)."""
-    mask = object_mask(image)
-    if mask.sum() < MIN_OBJECT_PIXELS:
+    mask = found_object(image)
+    if mask is None:
         return False
     a = pixels(image)
     for region, colour in zip(paint_regions(mask, subject.paint), subject.colours, strict=True):

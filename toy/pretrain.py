@@ -260,11 +260,11 @@ def main(argv=None):
     t = time.time()
     if args.vae:
         vae = load_pipeline(args.vae).vae.eval().requires_grad_(False)
-        latents = encode_all(vae, images)
     else:
         vae = train_vae(torch.cat([images, torch.from_numpy(codec_images)]), args.vae_steps, args.vae_batch_size,
                         args.vae_lr, args.kl_weight, generator, start)
-        latents = encode_all(vae, images)
+    latents = encode_all(vae, images)
+    if not args.vae:
         # 1 / std of the latent samples, as LDM set SD's 0.18215; rounded like it
         samples = latents.sample(torch.randn(latents.mean.shape, generator=generator), 1.0)
         vae.config.scaling_factor = float(f"{1 / samples.std().item():.4g}")

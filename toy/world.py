@@ -115,14 +115,17 @@ def paint_layer(scene, size=SIZE * SUPERSAMPLE, scale=SUPERSAMPLE):
     return layer
 
 
+def shape_mask(scene, size=SIZE * SUPERSAMPLE):
+    """The object's shape filled white on black, an L-mode PIL image of size x size (drawn at 4x)."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    (draw.ellipse if scene.noun == "circle" else draw.polygon)(outline(scene), fill=255)
+    return mask
+
+
 def render(scene):
     """The scene as a SIZE x SIZE RGB PIL image."""
-    big = SIZE * SUPERSAMPLE
-    mask = Image.new("L", (big, big), 0)
-    draw = ImageDraw.Draw(mask)
-    shape = outline(scene)
-    (draw.ellipse if scene.noun == "circle" else draw.polygon)(shape, fill=255)
-    alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
+    alpha = np.asarray(shape_mask(scene), dtype=np.float32)[..., None] / 255.0
     pixels = background(scene.context) * (1 - alpha) + paint_layer(scene) * alpha
     # box filter: average each SUPERSAMPLE x SUPERSAMPLE block, (big, big, 3) -> (SIZE, SIZE, 3)
     pixels = pixels.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))
