@@ -1468,7 +1468,7 @@ class Distributed:
 # needs: about a minute on 2 CPU cores, class images included (README, "Quick start"). fp32: at
 # this size bf16 is no faster on a CPU.
 TOY_RECIPE = dict(resolution=32, num_class_images=50, class_steps=15, class_guidance_scale=5.0, sample_batch_size=25,
-                  max_steps=1000, lr=2e-4, mixed_precision="no", cache_latents=True, validation_steps=25)
+                  max_steps=2000, lr=5e-5, mixed_precision="no", cache_latents=True, validation_steps=25)
 
 
 def toy_recipe_text():

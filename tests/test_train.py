@@ -366,8 +366,10 @@ def test_toy_model_brings_its_recipe():
     """--model toy trains at 32 px with the toy's recipe; flags given on the command line win."""
     parser = train.build_parser()
     base = ["--instance_dir", "x", "--class_noun", "circle"]
-    args = train.parse_args(parser, ["--model", "toy", *base, "--lr", "1e-3"])
-    assert args.resolution == 32 and args.max_steps == train.TOY_RECIPE["max_steps"] and args.lr == 1e-3
-    assert args.cache_latents and args.mixed_precision == "no"
+    args = train.parse_args(parser, ["--model", "toy", *base])
+    assert {k: getattr(args, k) for k in train.TOY_RECIPE} == train.TOY_RECIPE  # every value of the recipe
+    assert args.resolution == 32 and args.cache_latents and args.mixed_precision == "no"
+    args = train.parse_args(train.build_parser(), ["--model", "toy", *base, "--lr", "1e-3"])
+    assert args.lr == 1e-3 and args.max_steps == train.TOY_RECIPE["max_steps"]
     args = train.parse_args(train.build_parser(), base)  # other models keep SD's defaults
     assert args.resolution == 512 and args.lr == 5e-6 and not args.cache_latents

@@ -60,7 +60,7 @@ from toy import metrics, world  # noqa: E402
 HERE = Path(__file__).resolve().parent
 SUBJECTS_DIR = HERE / "subjects"
 
-# train.py's own toy recipe (train.TOY_RECIPE: 32 px, 50 class images, 1000 steps, ...)
+# train.py's own toy recipe (train.TOY_RECIPE: 32 px, 50 class images, 2000 steps, ...)
 TOY_FLAGS = ["--model", "toy"]
 QUICK_FLAGS = ["--num_class_images", "4", "--class_steps", "5", "--max_steps", "30"]  # override TOY_FLAGS
 EVAL = dict(steps=25, guidance_scale=5.0)          # sampler settings of every scored image
@@ -295,10 +295,10 @@ def sampler_main(args, out, flags):
 # ----------------------------------------------------------------------------------------------
 # LoRA vs full fine-tuning (--lora RANK ...)
 
-# The LoRA arms' learning rate: train.TOY_RECIPE's, full fine-tuning's. On Stable Diffusion LoRA
-# wants 20x full fine-tuning's 5e-6; on the toy, whose recipe is already at 2e-4, rank 4 scored the
-# same subject fidelity at 2e-4, 1e-3 and 3e-3 and lost prompt fidelity at 3e-3 (measured on seed
-# 10, which the comparison does not use; toy/README.md).
+# The LoRA arms' learning rate. On Stable Diffusion LoRA wants 20x full fine-tuning's 5e-6; on the
+# earlier toy, whose full fine-tuning recipe was 2e-4, rank 4 scored the same subject fidelity at
+# 2e-4, 1e-3 and 3e-3 and lost prompt fidelity at 3e-3 (measured on seed 10, which the comparison
+# does not use; toy/README.md). The recipe is now 5e-5 x 2000 steps; LoRA keeps 2e-4, 4x it.
 LORA_LR = 2e-4
 
 

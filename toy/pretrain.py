@@ -11,9 +11,12 @@ Diffusion was (Rombach et al., 2022), in three stages:
      pattern (world.random_codec_scene), so that it also encodes the subjects' photos; then
      scaling_factor = 1 / std of the latents, so the diffusion model sees unit-variance data
      (LDM section 4.3.2; SD's is 0.18215).
-  3. UNet and text encoder, jointly, on the denoising loss (DDPM; the same function DreamBooth
-     uses, dreambooth.prior_preservation_loss, without class images) over the frozen VAE's
-     latents. 10% of captions are empty (toy/world.py) for classifier-free guidance. An
+  3. UNet, on the denoising loss (DDPM; the same function DreamBooth uses,
+     dreambooth.prior_preservation_loss, without class images) over the frozen VAE's latents,
+     conditioned by a text encoder that stays frozen, as SD's CLIP and Imagen's T5 are: here at
+     its random initialisation, which already tells every word apart. (Trained jointly from
+     scratch, the encoder let the nouns collapse together and the UNet never learned shapes:
+     toy/README.md.) 10% of captions are empty (toy/world.py) for classifier-free guidance. An
      exponential moving average of the weights is what gets saved.
 
 The result is written with load_weights.save_pipeline: a diffusers-layout folder that our
@@ -21,7 +24,7 @@ loader, diffusers' StableDiffusionPipeline and `--model toy` open, with pretrain
 arguments, the time of each stage and how well the model draws what its captions say
 (toy/prior.py: shape, colour and context read back from the pixels of 280 samples).
 
-    python -m toy.pretrain --threads 1            # writes toy/model: 60 min on one CPU thread
+    python -m toy.pretrain --threads 1            # writes toy/model: about 75 min on one CPU thread
     python -m toy.pretrain --vae toy/model --out /tmp/m   # the UNet stage alone, on the shipped VAE
     python -m toy.pretrain --out /tmp/m --vae_steps 200 --unet_steps 300    # a smoke run
 """
@@ -68,7 +71,8 @@ UNET_CONFIG = UNetConfig(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     attention_head_dim=(1, 2, 2), cross_attention_dim=64, sample_size=world.SIZE // 2)
 TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                   max_position_embeddings=MAX_TOKENS, hidden_act="quick_gelu")  # + vocab_size
+                   max_position_embeddings=MAX_TOKENS, hidden_act="quick_gelu",
+                   projection_dim=64)  # + vocab_size; projection_dim only names the (unused) pooled width
 # DDPM's linear schedule rather than SD's scaled_linear: at these tiny latent sizes SD's schedule
 # leaves too much signal at t = 999 (the mean colour of a 16x16 latent survives the noise).
 # v-prediction (as SD 2.1): the noise-prediction loss weighs the x_0 error by the signal-to-noise
@@ -118,7 +122,8 @@ def write_preview(pipeline, path, per_prompt=6):
 # Stage 2: the VAE
 
 
-def train_vae(images, steps, batch_size, lr, kl_weight, generator, start):
+def train_vae(images, steps, batch_size, lr, kl_weight, generator, start, seed):
+    torch.manual_seed(seed)  # the initial weights: one command, one model
     vae = VAE(VAE_CONFIG)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     for step in range(steps):
@@ -207,31 +212,36 @@ def train_unet(latents, scaling_factor, scenes, tokenizer, args, generator, star
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=sample.DefaultsHelpFormatter)
     p.add_argument("--out", default=str(HERE / "model"), help="the diffusers-layout folder to write")
     p.add_argument("--num_images", type=int, default=30000, help="world images rendered for training")
     p.add_argument("--num_codec_images", type=int, default=20000, help="images of any colour and pattern for the VAE")
-    p.add_argument("--vae_steps", type=int, default=2000)
-    p.add_argument("--vae_lr", type=float, default=1e-3)
-    p.add_argument("--vae_batch_size", type=int, default=32)
-    p.add_argument("--kl_weight", type=float, default=1e-4)
-    p.add_argument("--unet_steps", type=int, default=10000)
+    p.add_argument("--vae_steps", type=int, default=2000, help="VAE training steps (stage 2)")
+    p.add_argument("--vae_lr", type=float, default=1e-3, help="VAE peak learning rate (cosine schedule)")
+    p.add_argument("--vae_batch_size", type=int, default=32, help="VAE images per step")
+    p.add_argument("--kl_weight", type=float, default=1e-4, help="weight of the VAE's KL term beside L1 + MSE")
+    p.add_argument("--unet_steps", type=int, default=12000, help="UNet (and text encoder) training steps (stage 3)")
     p.add_argument("--lr", type=float, default=1e-3, help="UNet and text encoder peak learning rate")
-    p.add_argument("--warmup_steps", type=int, default=300)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--ema_decay", type=float, default=0.999)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--freeze_text_encoder", action="store_true",
-                   help="keep the text encoder at its random initialisation; train the UNet alone")
-    p.add_argument("--mixed_precision", choices=("no", "bf16"), default="no",
+    p.add_argument("--warmup_steps", type=int, default=300, help="linear learning-rate warm-up of stage 3")
+    p.add_argument("--batch_size", type=int, default=32, help="captioned images per UNet step")
+    p.add_argument("--ema_decay", type=float, default=0.999, help="decay of the weights' moving average that is saved")
+    p.add_argument("--seed", type=int, default=0, help="seeds the world's images, the captions and every weight")
+    p.add_argument("--freeze_text_encoder", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the text encoder at its random initialisation and train the UNet alone; "
+                        "--no-freeze_text_encoder trains both jointly (the earlier toy's recipe: the nouns "
+                        "collapsed and the shapes were never learned)")
+    p.add_argument("--mixed_precision", choices=("no", "bf16"), default="bf16",
                    help="bf16 autocast for the UNet stage (the weights stay fp32; about 25%% faster on a CPU with "
                         "AVX512-BF16)")
     p.add_argument("--vae", help="reuse the VAE of a toy pipeline folder written by this script (skips stage 2, "
-                                 "9 min; the UNet stage then draws another random stream than a full run's)")
+                                 "9 min; the UNet stage then draws another random stream than a full run's) "
+                                 "(default: train a new one)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 is the safe choice on a busy machine: two threads that wait on "
                         "each other slow to a crawl when other jobs share the cores)")
-    p.add_argument("--preview", help="also write a grid of samples of a few prompts here (PNG)")
+    p.add_argument("--preview", help="also write a grid of samples of a few prompts here (PNG) (default: none)")
+    p.add_argument("--prior_seeds", type=int, default=2,
+                   help="samples per caption for the accuracy recorded in pretrain.json (toy/prior.py; 0: skip it)")
     p.add_argument("--snapshot_every", type=int, default=0,
                    help="save the model so far to --out (and a preview PREVIEW-stepN.png) every N UNet steps")
     return p
@@ -262,7 +272,7 @@ def main(argv=None):
         vae = load_pipeline(args.vae).vae.eval().requires_grad_(False)
     else:
         vae = train_vae(torch.cat([images, torch.from_numpy(codec_images)]), args.vae_steps, args.vae_batch_size,
-                        args.vae_lr, args.kl_weight, generator, start)
+                        args.vae_lr, args.kl_weight, generator, start, args.seed)
     latents = encode_all(vae, images)
     if not args.vae:
         # 1 / std of the latent samples, as LDM set SD's 0.18215; rounded like it
@@ -275,7 +285,7 @@ def main(argv=None):
         special = {"bos_token_id": tokenizer.start_id, "eos_token_id": tokenizer.end_id, "pad_token_id": tokenizer.pad_id}
         pipeline = Pipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
                             scheduler=DDPMScheduler(SCHEDULER_CONFIG), source="toy",
-                            raw_configs={"text_encoder": {**special, "projection_dim": TEXT_CONFIG["hidden_size"]}})
+                            raw_configs={"text_encoder": special})
         save_pipeline(pipeline, args.out)
         if args.preview:
             path = Path(args.preview) if step is None else Path(args.preview).with_name(
@@ -291,8 +301,10 @@ def main(argv=None):
     timings["total_s"] = time.time() - start
     timings["cpu_s"] = time.process_time()  # CPU time of this process: wall time under other jobs' load says little
     pipeline = save(unet, text_encoder)
-    accuracy = prior.caption_accuracy(pipeline)
-    log(prior.report(accuracy), start)
+    accuracy = None
+    if args.prior_seeds:
+        accuracy = prior.caption_accuracy(pipeline, seeds=args.prior_seeds)
+        log(prior.report(accuracy), start)
     out = Path(args.out)
     record = {"args": vars(args), "seconds": {k: round(v, 1) for k, v in timings.items()},
               "threads": torch.get_num_threads(), "final_loss_mean_last_200": sum(losses[-200:]) / len(losses[-200:]),

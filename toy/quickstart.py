@@ -5,10 +5,12 @@ For each subject this runs what the README tells a user to run: train.py --model
 recipe, train.TOY_RECIPE, plus any --train_flags to try another), then sample.py's defaults for
 "a photo of [V] <noun> <context>" in every context, seeds 0-7. The subject's photos are taken on
 grass, sand and snow; "in the sky" and "at night" are new to it (section 4.3's
-recontextualisation). A sample counts as the subject when it keeps the subject's paint
-(toy/metrics.py: its two colours where its pattern puts them, e.g. the teal ring and its white
-eye) and its own subject fidelity (mean similarity of its object to the subject's photos) is
-within the spread of the samples in the seen contexts, at least their mean - 2 std. Writes
+recontextualisation). A sample counts as the subject in its context when it is drawn in the
+context the prompt names (toy/metrics.py's context_of: a model that paints every subject on the
+grass of its photos has not recontextualised it), keeps the subject's paint (its two colours
+where its pattern puts them, e.g. the teal ring and its white eye) and its own subject fidelity
+(mean similarity of its object to the subject's photos) is within the spread of the samples in
+the seen contexts, at least their mean - 2 std. Writes
 quickstart.md (the table), quickstart.json and a grid per subject (rows: contexts; * marks
 the contexts of its photos).
 
@@ -54,19 +56,21 @@ def context_samples(folder, subject):
 
 
 def score_contexts(samples, subject):
-    """Per context: how many samples keep the subject's paint (metrics.keeps_paint: its two colours
-    where its pattern puts them), how many have a subject fidelity within the seen contexts'
-    spread (at least the mean - 2 std of the samples on the subject's own contexts), and "kept":
-    both."""
+    """Per context: how many samples are drawn in the named context, how many keep the subject's
+    paint (metrics.keeps_paint: its two colours where its pattern puts them), how many have a
+    subject fidelity within the seen contexts' spread (at least the mean - 2 std of the samples on
+    the subject's own contexts), and "kept": all three."""
     photos = ablation.subject_photos(subject)
     fidelity = {c: [metrics.subject_fidelity([image], photos) for image in images] for c, images in samples.items()}
     seen = [f for c in world.SUBJECTS[subject].contexts for f in fidelity[c]]
     threshold = statistics.mean(seen) - 2 * statistics.stdev(seen)
     result = {}
     for c, images in samples.items():
+        in_context = [metrics.context_of(image) == c for image in images]
         paint = [metrics.keeps_paint(image, world.SUBJECTS[subject]) for image in images]
         within = [f >= threshold for f in fidelity[c]]
-        result[c] = {"kept": sum(p and w for p, w in zip(paint, within)), "paint": sum(paint), "within_spread": sum(within),
+        result[c] = {"kept": sum(x and p and w for x, p, w in zip(in_context, paint, within)),
+                     "in_context": sum(in_context), "paint": sum(paint), "within_spread": sum(within),
                      "of": len(images), "fidelity": statistics.mean(fidelity[c]), "per_sample": fidelity[c],
                      "prompt_fidelity": metrics.prompt_fidelity(images, [c] * len(images))}
     return {"threshold": threshold, "contexts": result}
@@ -79,8 +83,9 @@ def table(results):
     for subject, result in results.items():
         cells = [f"{r['kept']}/{r['of']} ({r['fidelity']:.3f})" for r in (result["contexts"][c] for c in contexts)]
         lines.append(f"| {subject} | " + " | ".join(cells) + " |")
-    return ("\n".join(lines) + "\n\nkept/8: samples that keep the subject's paint (its two colours where its pattern "
-            "puts them) and whose subject fidelity is within the seen contexts' spread (>= mean - 2 std of the samples "
+    return ("\n".join(lines) + "\n\nkept/8: samples drawn in the named context that keep the subject's paint (its two "
+            "colours where its pattern puts them) and whose subject fidelity is within the seen contexts' spread (>= mean - "
+            "2 std of the samples "
             "on the grass, sand and snow); in brackets the mean subject fidelity. * marks the contexts of its photos.\n")
 
 
