@@ -198,7 +198,8 @@ def train_unet(latents, scaling_factor, scenes, tokenizer, args, generator, star
         optimizer.step()
         decay = min(args.ema_decay, (1 + step) / (10 + step))  # short memory early on
         update_ema(ema_unet, unet, decay)
-        update_ema(ema_text, text_encoder, decay)
+        if not args.freeze_text_encoder:  # a frozen encoder is its own average
+            update_ema(ema_text, text_encoder, decay)
         losses.append(loss.item())
         if step % 100 == 0 or step == args.unet_steps - 1:
             recent = sum(losses[-100:]) / len(losses[-100:])

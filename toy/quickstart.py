@@ -85,8 +85,8 @@ def table(results):
         lines.append(f"| {subject} | " + " | ".join(cells) + " |")
     return ("\n".join(lines) + "\n\nkept/8: samples drawn in the named context that keep the subject's paint (its two "
             "colours where its pattern puts them) and whose subject fidelity is within the seen contexts' spread (>= mean - "
-            "2 std of the samples "
-            "on the grass, sand and snow); in brackets the mean subject fidelity. * marks the contexts of its photos.\n")
+            "2 std of the samples on the grass, sand and snow); in brackets the mean subject fidelity. * marks the "
+            "contexts of its photos.\n")
 
 
 def grid(samples, subject, scale=4):
