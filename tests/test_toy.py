@@ -184,6 +184,19 @@ def test_pretraining_is_one_command_one_model(tmp_path):
     assert record["args"]["unet_steps"] == 3 and record["caption_accuracy"] is None
     pipeline = load_pipeline(str(tmp_path / "a"))
     assert pipeline.vae.config.scaling_factor > 0 and pipeline.tokenizer("a photo of circle").shape[-1] == pretrain.MAX_TOKENS
+    # by default the text encoder stays at its initialisation: only the UNet learns
+    initial = pretrain.init_text_encoder(
+        pretrain.CLIPTextConfig(vocab_size=pipeline.tokenizer.vocab_size, **pretrain.TEXT_CONFIG), seed=0)
+    saved = pipeline.text_encoder.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in initial.state_dict().items())
+
+
+def test_pretrain_help_shows_every_default():
+    """toy/pretrain.py --help: each flag says its default once, never "None"."""
+    parser = pretrain.build_parser()
+    text = " ".join(parser.format_help().split())  # undo the line wrapping
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert text.count("(default:") == len(flags) and "(default: None)" not in text, text
 
 
 def test_bpe_vocabulary_in_the_hub_format(toy, tmp_path):
