@@ -1464,12 +1464,13 @@ class Distributed:
 
 # `--model toy` (toy/: the tiny Stable Diffusion pretrained by this project, 32 px) brings its own
 # recipe, because the defaults below are for SD at 512 px; a flag given on the command line wins.
-# 50 class images of 15 DPM++ 2M Karras steps, then 2000 training steps at lr 5e-5, chosen on all three
-# toy subjects (toy/README.md: at 2e-4 the fine-tuned toy forgets its contexts, at 2e-5 it barely
-# learns the subject): under 2 minutes on 2 CPU cores, class images included (README, "Quick
-# start"). fp32: at this size bf16 is no faster on a CPU.
+# 50 class images of 15 DPM++ 2M Karras steps, then 2000 training steps at lr 2e-4, chosen on all three
+# toy subjects (toy/README.md: at 5e-5 and 1e-4 the subject is barely learned; the toy keeps its
+# contexts at 2e-4 since its text encoder gives each word a vector of its own): under 2 minutes on
+# 2 CPU cores, class images included (README, "Quick start"). fp32: at this size bf16 is no faster
+# on a CPU.
 TOY_RECIPE = dict(resolution=32, num_class_images=50, class_steps=15, class_guidance_scale=5.0, sample_batch_size=25,
-                  max_steps=2000, lr=5e-5, mixed_precision="no", cache_latents=True, validation_steps=25)
+                  max_steps=2000, lr=2e-4, mixed_precision="no", cache_latents=True, validation_steps=25)
 
 
 def toy_recipe_text():

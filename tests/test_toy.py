@@ -256,6 +256,25 @@ def test_toy_loads_in_ours_and_in_diffusers(toy):
     assert got.shape == (2, 32, 32, 3) and got.std() > 10
 
 
+def test_toy_encodes_each_word_apart(toy):
+    """The toy's frozen text encoder gives a word the same vector wherever it stands and whatever
+    precedes it, as a pretrained CLIP nearly does: "at night" after "[V] circle" is encoded as
+    after "circle", so a fine-tuning that teaches "[V]" leaves the contexts' words where the
+    pretraining put them. (The earlier toy's random 2-layer encoder moved every later word when
+    an identifier was put in: the encodings differed by about as much as two contexts'.)"""
+    prompts = ["a photo of circle at night", "a photo of dax circle at night", "a red star in the sky at night"]
+    ids = toy.tokenizer(prompts)
+    with torch.no_grad():
+        states = encode_prompts(toy, prompts)  # (3, MAX_TOKENS, 64)
+    vocab = toy.tokenizer.vocab
+    for word in ("circle", "night", "at"):
+        token = vocab[word + "</w>"]
+        vectors = [states[i][ids[i] == token] for i in range(len(prompts)) if (ids[i] == token).any()]
+        assert len(vectors) >= 2 and all(torch.equal(v[0], vectors[0][0]) for v in vectors), word
+    night, sky = states[2][ids[2] == vocab["night</w>"]][0], states[2][ids[2] == vocab["sky</w>"]][0]
+    assert (night - sky).norm() > 1.0  # different words, different vectors
+
+
 def test_toy_draws_what_captions_say(toy):
     """The pretrained toy follows its prompts, read back from the pixels: every shape in every
     context, each in a colour of its own (the earlier toy drew a blob for every noun: 30 %)."""

@@ -298,7 +298,7 @@ def sampler_main(args, out, flags):
 # The LoRA arms' learning rate. On Stable Diffusion LoRA wants 20x full fine-tuning's 5e-6; on the
 # earlier toy, whose full fine-tuning recipe was 2e-4, rank 4 scored the same subject fidelity at
 # 2e-4, 1e-3 and 3e-3 and lost prompt fidelity at 3e-3 (measured on seed 10, which the comparison
-# does not use; toy/README.md). The recipe is now 5e-5 x 2000 steps; LoRA keeps 2e-4, 4x it.
+# does not use; toy/README.md). The full recipe is 2e-4 again (2000 steps); LoRA keeps 2e-4.
 LORA_LR = 2e-4
 
 

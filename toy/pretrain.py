@@ -14,7 +14,8 @@ Diffusion was (Rombach et al., 2022), in three stages:
   3. UNet, on the denoising loss (DDPM; the same function DreamBooth uses,
      dreambooth.prior_preservation_loss, without class images) over the frozen VAE's latents,
      conditioned by a text encoder that stays frozen, as SD's CLIP and Imagen's T5 are: here at
-     its random initialisation, which already tells every word apart. (Trained jointly from
+     its random initialisation, one vector per word (no layers, no positions: TEXT_CONFIG), which
+     already tells every word apart. (Trained jointly from
      scratch, the encoder let the nouns collapse together and the UNet never learned shapes:
      toy/README.md.) 10% of captions are empty (toy/world.py) for classifier-free guidance. An
      exponential moving average of the weights is what gets saved.
@@ -24,7 +25,7 @@ loader, diffusers' StableDiffusionPipeline and `--model toy` open, with pretrain
 arguments, the time of each stage and how well the model draws what its captions say
 (toy/prior.py: shape, colour and context read back from the pixels of 280 samples).
 
-    python -m toy.pretrain --threads 1            # writes toy/model: about 75 min on one CPU thread
+    python -m toy.pretrain --threads 1            # writes toy/model: about 72 min on one CPU thread
     python -m toy.pretrain --vae toy/model --out /tmp/m   # the UNet stage alone, on the shipped VAE
     python -m toy.pretrain --out /tmp/m --vae_steps 200 --unet_steps 300    # a smoke run
 """
@@ -70,7 +71,14 @@ UNET_CONFIG = UNetConfig(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     attention_head_dim=(1, 2, 2), cross_attention_dim=64, sample_size=world.SIZE // 2)
-TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+# The text encoder is CLIP's embedding layer and final LayerNorm, no transformer layers, and (set in
+# init_text_encoder) no position embeddings: frozen, it gives each word one vector wherever it stands,
+# as a pretrained CLIP nearly does ("at night" means night after "[V] circle" too). A random
+# 2-layer CLIP mixed every word into the later ones, so putting the identifier in moved "at night"
+# as far as changing the context did, and a fine-tuning on "a photo of [V] circle" redrew the night
+# as grass (toy/README.md); the UNet's cross-attention reads the words as a set, which the toy's
+# captions (one object, one colour, one context) need no more than.
+TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=0, num_attention_heads=4,
                    max_position_embeddings=MAX_TOKENS, hidden_act="quick_gelu",
                    projection_dim=64)  # + vocab_size; projection_dim only names the (unused) pooled width
 # DDPM's linear schedule rather than SD's scaled_linear: at these tiny latent sizes SD's schedule
@@ -158,14 +166,15 @@ def encode_all(vae, images, batch_size=500):
 
 
 def init_text_encoder(config, seed):
-    """CLIP's initialisation of the embeddings (std 0.02 tokens, 0.01 positions); the rest keeps
-    PyTorch's defaults. Tokens that never occur in a caption (the rare identifiers) keep this
+    """CLIP's initialisation of the token embeddings (std 0.02), and position embeddings of zero:
+    a word's vector does not depend on where it stands (TEXT_CONFIG). Frozen by default; trained
+    jointly, the tokens that never occur in a caption (the rare identifiers) still keep this
     initial embedding: they get no gradient."""
     torch.manual_seed(seed)
     model = CLIPTextModel(config)
     embeddings = model.text_model.embeddings
     torch.nn.init.normal_(embeddings.token_embedding.weight, std=0.02)
-    torch.nn.init.normal_(embeddings.position_embedding.weight, std=0.01)
+    torch.nn.init.zeros_(embeddings.position_embedding.weight)
     return model
 
 
