@@ -292,16 +292,16 @@ def test_toy_draws_what_captions_say(toy):
 def test_dreambooth_raises_subject_fidelity(toy, tmp_path):
     """A short run of the real trainer on a toy subject: [V] samples look more like the subject
     than the pretrained model's samples of the same prompt."""
-    subject = "eye_circle"
+    subject = "bee_square"
     out = tmp_path / "run"
-    argv = [*ablation.TOY_FLAGS, "--instance_dir", str(ablation.SUBJECTS_DIR / subject), "--class_noun", "circle",
-            "--no_prior_preservation", "--max_steps", "150", "--output_dir", str(out)]
+    argv = [*ablation.TOY_FLAGS, "--instance_dir", str(ablation.SUBJECTS_DIR / subject), "--class_noun", "square",
+            "--no_prior_preservation", "--max_steps", "400", "--output_dir", str(out)]
     assert train.main(argv) == 0
     info = json.loads((out / "dreambooth.json").read_text())
     photos = ablation.subject_photos(subject)
     kwargs = dict(per_context=2, class_images=2, steps=15)
-    before, _, _ = ablation.evaluate(toy, info["instance_prompt"], "a photo of circle", photos, **kwargs)
-    after, _, _ = ablation.evaluate(load_pipeline(out), info["instance_prompt"], "a photo of circle", photos, **kwargs)
+    before, _, _ = ablation.evaluate(toy, info["instance_prompt"], "a photo of square", photos, **kwargs)
+    after, _, _ = ablation.evaluate(load_pipeline(out), info["instance_prompt"], "a photo of square", photos, **kwargs)
     assert after["subject_fidelity"] > before["subject_fidelity"] + 0.05, (before, after)
 
 
