@@ -238,8 +238,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seeds the world's images, the captions and every weight")
     p.add_argument("--freeze_text_encoder", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the text encoder at its random initialisation and train the UNet alone; "
-                        "--no-freeze_text_encoder trains both jointly (the earlier toy's recipe: the nouns "
-                        "collapsed and the shapes were never learned)")
+                        "--no-freeze_text_encoder trains both jointly (the encoder's word embeddings and final "
+                        "norm; trained so, the earlier toys' 2-layer encoder let the nouns collapse)")
     p.add_argument("--mixed_precision", choices=("no", "bf16"), default="bf16",
                    help="bf16 autocast for the UNet stage (the weights stay fp32; about 25%% faster on a CPU with "
                         "AVX512-BF16)")
