@@ -8,7 +8,9 @@ Diffusion was (Rombach et al., 2022), in three stages:
      that never occur in a caption: the rare identifiers DreamBooth needs.
   2. VAE: 32x32x3 images <-> 16x16x8 latents, trained alone on reconstruction (L1 + MSE) with a
      small KL term (LDM section 3.1), on the world's images and as many of any colour and
-     pattern (world.random_codec_scene), so that it also encodes the subjects' photos; then
+     pattern (world.random_codec_scene, half of their colours near a corner of the RGB cube:
+     near-white, near-black), so that it also encodes the subjects' photos (pretrain.json
+     records how many of each subject's photos keep their paint through the VAE alone); then
      scaling_factor = 1 / std of the latents, so the diffusion model sees unit-variance data
      (LDM section 4.3.2; SD's is 0.18215).
   3. UNet, on the denoising loss (DDPM; the same function DreamBooth uses,
@@ -38,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,7 +51,7 @@ import sample  # noqa: E402
 from clip_text import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from load_weights import Pipeline, load_pipeline, save_pipeline  # noqa: E402
 from schedulers import DDPMScheduler, SchedulerConfig  # noqa: E402
-from toy import bpe, prior, world  # noqa: E402
+from toy import bpe, metrics, prior, world  # noqa: E402
 from unet import UNet, UNetConfig  # noqa: E402
 from vae import VAE, VAEConfig  # noqa: E402
 
@@ -154,6 +157,19 @@ def train_vae(images, steps, batch_size, lr, kl_weight, generator, start, seed):
 
 
 @torch.no_grad()
+def subject_round_trip(vae):
+    """{subject: how many of its photos keep their paint (metrics.keeps_paint) through the VAE's
+    encode and decode alone}: a subject the codec cannot carry, no fine-tuning can draw."""
+    kept = {}
+    for name, subject in world.SUBJECTS.items():
+        photos = torch.from_numpy(np.stack([np.asarray(image) for image in world.subject_images(name)]))
+        decoded = vae.decode(vae.encode(to_pixels(photos)).mean)
+        decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).to(torch.uint8).numpy()
+        kept[name] = sum(metrics.keeps_paint(image, subject) for image in decoded)
+    return kept
+
+
+@torch.no_grad()
 def encode_all(vae, images, batch_size=500):
     """The VAE posterior of every image, as one dreambooth.LatentDistribution (unscaled)."""
     parts = [dreambooth.LatentDistribution.encode(vae, to_pixels(images[i:i + batch_size]))
@@ -226,7 +242,7 @@ def build_parser():
     p.add_argument("--out", default=str(HERE / "model"), help="the diffusers-layout folder to write")
     p.add_argument("--num_images", type=int, default=30000, help="world images rendered for training")
     p.add_argument("--num_codec_images", type=int, default=20000, help="images of any colour and pattern for the VAE")
-    p.add_argument("--vae_steps", type=int, default=2000, help="VAE training steps (stage 2)")
+    p.add_argument("--vae_steps", type=int, default=5000, help="VAE training steps (stage 2)")
     p.add_argument("--vae_lr", type=float, default=1e-3, help="VAE peak learning rate (cosine schedule)")
     p.add_argument("--vae_batch_size", type=int, default=32, help="VAE images per step")
     p.add_argument("--kl_weight", type=float, default=1e-4, help="weight of the VAE's KL term beside L1 + MSE")
@@ -289,7 +305,9 @@ def main(argv=None):
         samples = latents.sample(torch.randn(latents.mean.shape, generator=generator), 1.0)
         vae.config.scaling_factor = float(f"{1 / samples.std().item():.4g}")
     timings["vae_s"] = time.time() - t
-    log(f"VAE done; scaling_factor {vae.config.scaling_factor}", start)
+    round_trip = subject_round_trip(vae)
+    log(f"VAE done; scaling_factor {vae.config.scaling_factor}; subjects' photos that keep their paint through "
+        f"the VAE: {round_trip} of {world.SUBJECT_IMAGES}", start)
 
     def save(unet, text_encoder, step=None):
         special = {"bos_token_id": tokenizer.start_id, "eos_token_id": tokenizer.end_id, "pad_token_id": tokenizer.pad_id}
@@ -318,7 +336,8 @@ def main(argv=None):
     out = Path(args.out)
     record = {"args": vars(args), "seconds": {k: round(v, 1) for k, v in timings.items()},
               "threads": torch.get_num_threads(), "final_loss_mean_last_200": sum(losses[-200:]) / len(losses[-200:]),
-              "rare_merge_ranks": bpe.rare_merge_ranks(tokenizer), "caption_accuracy": accuracy}
+              "rare_merge_ranks": bpe.rare_merge_ranks(tokenizer), "subject_round_trip": round_trip,
+              "caption_accuracy": accuracy}
     (out / "pretrain.json").write_text(json.dumps(record, indent=2))
     log(f"wrote {out} ({timings['total_s'] / 60:.1f} min of training)", start)
     return 0

@@ -2,8 +2,8 @@
 contexts none of its photos shows?
 
 For each subject this runs what the README tells a user to run: train.py --model toy (the toy
-recipe, train.TOY_RECIPE, plus any --train_flags to try another), then sample.py's defaults for
-"a photo of [V] <noun> <context>" in every context, seeds 0-7. The subject's photos are taken on
+recipe, train.TOY_RECIPE, plus any --train_flags to try another), then sample.py as the README runs it
+(its defaults, guidance 3) for "a photo of [V] <noun> <context>" in every context, seeds 0-7. The subject's photos are taken on
 grass, sand and snow; "in the sky" and "at night" are new to it (section 4.3's
 recontextualisation). A sample counts as the subject in its context when it is drawn in the
 context the prompt names (toy/metrics.py's context_of: a model that paints every subject on the
@@ -32,6 +32,9 @@ import sample  # noqa: E402
 from toy import ablation, metrics, world  # noqa: E402
 
 SEEDS = 8   # the README's --num_images 8 (sample.py: image i uses seed 0 + i)
+# The README's --guidance_scale for the toy. SD's 7.5 (sample.py's default) over-saturates the
+# toy's colours: the fine-tuned teal ring comes back azure on light backgrounds (toy/README.md).
+GUIDANCE_SCALE = 3.0
 
 
 def quick_start(subject, out, train_flags):
@@ -43,14 +46,15 @@ def quick_start(subject, out, train_flags):
 
 
 def context_samples(folder, subject):
-    """{context: 8 images of "a photo of [V] <noun> <context>"}, with sample.py's default settings."""
+    """{context: 8 images of "a photo of [V] <noun> <context>"}, as the README's sample.py command
+    draws them: sample.py's defaults but GUIDANCE_SCALE."""
     defaults = sample.build_parser().parse_args([])
     pipeline = sample.load_model(str(folder))
     noun = world.SUBJECTS[subject].noun
     identifier = sample.read_identifier(str(folder))  # what sample.py puts in place of [V]
     prompts = [f"a photo of {identifier} {noun} {c}" for c in world.CONTEXTS]
     images = sample.generate(pipeline, [p for p in prompts for _ in range(SEEDS)], scheduler=defaults.scheduler,
-                             steps=defaults.steps, guidance_scale=defaults.guidance_scale, eta=defaults.eta,
+                             steps=defaults.steps, guidance_scale=GUIDANCE_SCALE, eta=defaults.eta,
                              seed=defaults.seed, mixed_precision="no", progress=False, batch_size=20)
     return {c: images[i * SEEDS:(i + 1) * SEEDS] for i, c in enumerate(world.CONTEXTS)}
 

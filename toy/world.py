@@ -1,14 +1,19 @@
 """The toy world: small procedural photos of one object in a named context, with captions.
 
-Every image is a Scene: an object (a class noun: square, circle, triangle, star), painted in one
-of seven colours, of varied size, near the centre, in front of one of five contexts (a
-background gradient: grass, sand, sky, snow, night). Its caption names what a user would:
+Every image is a Scene: an object (a class noun: square, circle, triangle, star) of varied size,
+near the centre, in front of one of five contexts (a background gradient: grass, sand, sky, snow,
+night). Most objects are one colour, a few carry a pattern of two (stripes, a dot, two halves).
+A colour is one of seven named ones (a little varied) or, for some objects, any colour at all,
+which the caption does not name. The caption names what a user would:
 
-    "a photo of a red square on the grass", "a blue star in the sky", "a photo of circle", ...
+    "a photo of a red square on the grass", "a blue striped star in the sky", "a photo of circle", ...
 
-The pretraining world never contains the SUBJECTS below: objects with a pattern (stripes, an
-eye, two halves) or a colour the world does not have. They play the part of the user's dog in
-DreamBooth: a few photos of one distinctive instance of a known class.
+Colours and patterns the captions do not always name are what a photo of "a dog" has too: the
+class noun covers every coat. They make the prior compositional (any colour, any pattern, in
+any context), which is what lets a subject be redrawn in a context its photos never showed.
+
+The pretraining world never contains the SUBJECTS below (resembles_subject() rejects any scene
+near one): distinctive instances of a known class, in the part of the user's dog in DreamBooth.
 
 Everything is deterministic given a seed. Images are drawn 4x larger and box-filtered down, so
 edges are anti-aliased like a photo's rather than hard pixel steps.
@@ -50,6 +55,13 @@ RADIUS = (7.0, 11.0)      # object size: radius in pixels (14 to 22 px across)
 # radius), the shapes differed by a few edge pixels at unpredictable places and the toy never
 # learned them (30 % shape accuracy, chance 25 %: toy/README.md).
 JITTER = 3.0              # the centre's largest offset from the image's centre, in pixels
+PATTERNS = ("stripes", "eye", "split")          # the two-colour paints (paint_layer)
+PATTERN_WORDS = {"stripes": "striped", "eye": "dotted", "split": "halved"}  # as captions name them
+P_PATTERN = 0.4           # world objects with a pattern; the rest are one colour
+P_UNNAMED_COLOUR = 0.3    # objects of any colour (no caption names it); the rest a named one
+COLOUR_JITTER = 20        # a named colour varies by up to this much per channel
+MIN_CONTRAST = 90.0       # RGB distance of a colour drawn at random from its background and the object's other colour
+SUBJECT_DISTANCE = 100.0  # a world scene this near a subject in every colour is not drawn
 
 
 @dataclass(frozen=True)
@@ -59,9 +71,9 @@ class Scene:
     cx: float                       # centre and radius, in pixels
     cy: float
     radius: float
-    colour: str | None = None       # a COLOURS name (world objects), or None for a painted subject
+    colour: str | None = None       # the COLOURS name a caption may use, or None: no name (any colour, a subject)
     paint: str = "solid"            # solid, stripes, eye, split (see paint_layer)
-    colours: tuple = ()             # RGB colours of the paint
+    colours: tuple = ()             # RGB colours of the paint (default: COLOURS[colour])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,10 +162,57 @@ def place(rng, radius_range=RADIUS):
     return dict(cx=cx, cy=cy, radius=r)
 
 
+def visible(colour, context, others=()):
+    """Whether a paint colour stands out from the context's background (its top, middle and
+    bottom colour) and from the object's other colours by at least MIN_CONTRAST."""
+    top, bottom = CONTEXTS[context]
+    middle = tuple((t + b) / 2 for t, b in zip(top, bottom))
+    return all(math.dist(colour, c) >= MIN_CONTRAST for c in (top, middle, bottom, *others))
+
+
+def any_colour(rng, context, others=()):
+    """A uniformly random RGB colour, visible in the context and beside the object's others."""
+    while True:
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        if visible(colour, context, others):
+            return colour
+
+
+def named_colour(rng, name):
+    """A named world colour, each channel varied by up to COLOUR_JITTER."""
+    return tuple(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for c in COLOURS[name])
+
+
+def resembles_subject(scene):
+    """Whether a scene could pass for one of the SUBJECTS: its class and pattern, with each of its
+    colours within SUBJECT_DISTANCE of the subject's."""
+    return any(scene.noun == s.noun and scene.paint == s.paint and len(scene.colours) == len(s.colours)
+               and all(math.dist(a, b) < SUBJECT_DISTANCE for a, b in zip(scene.colours, s.colours))
+               for s in SUBJECTS.values())
+
+
 def random_scene(rng):
-    """One scene of the pretraining world: class, colour and context uniform."""
-    return Scene(noun=rng.choice(CLASSES), context=rng.choice(list(CONTEXTS)), colour=rng.choice(list(COLOURS)),
-                 **place(rng))
+    """One scene of the pretraining world: class and context uniform; a named colour, or with
+    probability P_UNNAMED_COLOUR any colour; with probability P_PATTERN a pattern whose second
+    colour is any colour; never a look-alike of a subject."""
+    noun, context, where = rng.choice(CLASSES), rng.choice(list(CONTEXTS)), place(rng)
+    while True:
+        name = None if rng.random() < P_UNNAMED_COLOUR else rng.choice(list(COLOURS))
+        first = any_colour(rng, context) if name is None else named_colour(rng, name)
+        paint = rng.choice(PATTERNS) if rng.random() < P_PATTERN else "solid"
+        colours = (first,) if paint == "solid" else (first, any_colour(rng, context, others=(first,)))
+        scene = Scene(noun=noun, context=context, colour=name, paint=paint, colours=colours, **where)
+        if not resembles_subject(scene):
+            return scene
+
+
+def codec_colour(rng):
+    """Any RGB colour; half of them near a corner of the RGB cube (near-white, near-black,
+    saturated), which a uniform draw almost never gives but the subjects' white eye and black
+    stripes are."""
+    if rng.random() < 0.5:
+        return tuple(rng.randrange(256) for _ in range(3))
+    return tuple(min(255, max(0, rng.choice((0, 255)) + rng.randint(-30, 30))) for _ in range(3))
 
 
 def random_codec_scene(rng):
@@ -161,8 +220,8 @@ def random_codec_scene(rng):
     (trained on a broader image set than the diffusion model), the toy's VAE must encode photos
     of subjects the diffusion model never saw, so it sees every colour and pattern; these images
     have no captions and never reach the UNet."""
-    paint = rng.choice(("solid", "stripes", "eye", "split"))
-    colours = tuple(tuple(rng.randrange(256) for _ in range(3)) for _ in range(1 if paint == "solid" else 2))
+    paint = rng.choice(("solid", *PATTERNS))
+    colours = tuple(codec_colour(rng) for _ in range(1 if paint == "solid" else 2))
     return Scene(noun=rng.choice(CLASSES), context=rng.choice(list(CONTEXTS)), paint=paint, colours=colours,
                  **place(rng))
 
@@ -172,16 +231,19 @@ def random_codec_scene(rng):
 # {context}" (the README's sampling example), so that the identifier lands where the world's
 # captions put an adjective.
 TEMPLATES = ("a photo of a {object}", "a photo of {object}", "a {object}")
-P_DROP_COLOUR, P_DROP_CONTEXT, P_EMPTY = 0.3, 0.3, 0.1
+P_DROP_COLOUR, P_DROP_PATTERN, P_DROP_CONTEXT, P_EMPTY = 0.3, 0.3, 0.3, 0.1
 
 
 def caption(scene, rng):
-    """A caption of a world scene. The colour and the context are each left out at times, so
-    that "a photo of square" means a square of any colour anywhere; 10% of captions are empty,
-    which teaches the unconditional prediction that classifier-free guidance needs."""
+    """A caption of a world scene. The colour, the pattern and the context are each left out at
+    times, so that "a photo of square" means a square of any colour and pattern anywhere; 10% of
+    captions are empty, which teaches the unconditional prediction that classifier-free guidance
+    needs."""
     if rng.random() < P_EMPTY:
         return ""
     words = [scene.colour] if scene.colour and rng.random() >= P_DROP_COLOUR else []
+    if scene.paint != "solid" and rng.random() >= P_DROP_PATTERN:
+        words.append(PATTERN_WORDS[scene.paint])
     obj = " ".join(words + [scene.noun])
     text = rng.choice(TEMPLATES).format(object=obj)
     if rng.random() >= P_DROP_CONTEXT:
@@ -192,7 +254,7 @@ def caption(scene, rng):
 def caption_words():
     """Every word a caption can contain."""
     words = {w for t in TEMPLATES for w in t.replace("{object}", "").split()}
-    words |= set(CLASSES) | set(COLOURS) | {w for c in CONTEXTS for w in c.split()}
+    words |= set(CLASSES) | set(COLOURS) | set(PATTERN_WORDS.values()) | {w for c in CONTEXTS for w in c.split()}
     return sorted(words)
 
 
