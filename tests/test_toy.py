@@ -4,6 +4,7 @@ that learns the subject, and the ablation script's reduced mode."""
 import json
 import math
 import random
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import dreambooth
 import train
 from clip_text import CLIPTokenizer
 from load_weights import TOY_MODEL, load_pipeline
+import sample
 from sample import encode_prompts, generate
 from toy import ablation, bpe, metrics, pretrain, prior, quickstart, world
 
@@ -393,3 +395,16 @@ def test_ablation_lora_mode(tmp_path, toy):
         with pytest.raises(SystemExit) as stopped:
             ablation.main(bad + ["--out", str(tmp_path / "bad")])
         assert stopped.value.code == 2
+
+
+def test_quickstart_scores_the_readme_sample_command():
+    """toy/quickstart.py samples as the README's quick start does: its sample.py command, parsed by
+    sample.py's own parser, asks for quickstart's guidance and SEEDS images, and the other sampler
+    settings are sample.py's defaults that quickstart uses."""
+    readme = (ROOT / "README.md").read_text()
+    line = next(l for l in readme.splitlines() if "python train.py --model toy" in l)
+    command = shlex.split(line[line.index("python sample.py"):])[2:]
+    args, defaults = sample.build_parser().parse_args(command), sample.build_parser().parse_args([])
+    assert args.guidance_scale == quickstart.GUIDANCE_SCALE and args.num_images == quickstart.SEEDS
+    assert (args.scheduler, args.steps, args.eta, args.seed) == (defaults.scheduler, defaults.steps, defaults.eta,
+                                                                 defaults.seed)

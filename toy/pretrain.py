@@ -27,7 +27,7 @@ loader, diffusers' StableDiffusionPipeline and `--model toy` open, with pretrain
 arguments, the time of each stage and how well the model draws what its captions say
 (toy/prior.py: shape, colour and context read back from the pixels of 280 samples).
 
-    python -m toy.pretrain --threads 1            # writes toy/model: about 72 min on one CPU thread
+    python -m toy.pretrain --threads 1            # writes toy/model: about 64 min on one CPU thread
     python -m toy.pretrain --vae toy/model --out /tmp/m   # the UNet stage alone, on the shipped VAE
     python -m toy.pretrain --out /tmp/m --vae_steps 200 --unet_steps 300    # a smoke run
 """
@@ -260,7 +260,7 @@ def build_parser():
                    help="bf16 autocast for the UNet stage (the weights stay fp32; about 25%% faster on a CPU with "
                         "AVX512-BF16)")
     p.add_argument("--vae", help="reuse the VAE of a toy pipeline folder written by this script (skips stage 2, "
-                                 "9 min; the UNet stage then draws another random stream than a full run's) "
+                                 "13 min; the UNet stage then draws another random stream than a full run's) "
                                  "(default: train a new one)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 is the safe choice on a busy machine: two threads that wait on "
