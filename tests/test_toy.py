@@ -370,7 +370,8 @@ def test_ablation_quick_mode(tmp_path):
 def test_ablation_lora_mode(tmp_path, toy):
     """--lora: full fine-tuning and LoRA side by side, from the same class images and identifier;
     the LoRA arm trains r (in + out) numbers per adapted layer and writes far less."""
-    assert ablation.main(["--quick", "--lora", "4", "--keep_runs", "--out", str(tmp_path)]) == 0
+    assert ablation.main(["--quick", "--lora", "4", "--keep_runs", "--out", str(tmp_path),
+                          "--train_flags", "--prior_loss_weight 0.5"]) == 0
     result = json.loads((tmp_path / "lora.json").read_text())
     assert list(result["scores"]) == ["pretrained", "full", "lora-r4"]
     for runs in result["scores"].values():
@@ -387,6 +388,7 @@ def test_ablation_lora_mode(tmp_path, toy):
     assert "lora" not in full_info and full_info["args"]["lr"] == train.TOY_RECIPE["lr"]
     assert lora_info["lora"]["rank"] == 4 and lora_info["args"]["lr"] == ablation.LORA_LR
     assert full_info["args"]["class_dir"] == lora_info["args"]["class_dir"]  # the same class images
+    assert full_info["args"]["prior_loss_weight"] == lora_info["args"]["prior_loss_weight"] == 0.5  # --train_flags
     table = (tmp_path / "lora.md").read_text()
     assert f"| lora-r4 | {lora_run['trained_numbers']:,} | 0." in table  # under 1 MB of adapters
     assert "paired difference from full" in table and (tmp_path / "lora-bee_square-seed0.png").is_file()

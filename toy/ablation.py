@@ -33,12 +33,14 @@ trains and the bytes of weights it writes, and each LoRA's paired difference fro
 
     python -m toy.ablation                       # 3 subjects x 3 seeds (see --help), about 30 min
     python -m toy.ablation --quick --out /tmp/a  # the reduced CI mode, about a minute
+    python -m toy.ablation --train_flags "--max_steps 250" --out /tmp/b   # the same tables, another recipe
     python -m toy.ablation --class_samplers ddim:50 dpmpp_2m_karras:20 --out toy-samplers --threads 1
     python -m toy.ablation --lora 4 16 --out toy-lora --threads 1   # about 22 min
 """
 import argparse
 import json
 import math
+import shlex
 import shutil
 import statistics
 import sys
@@ -467,6 +469,9 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="CI mode: one subject, one seed, short runs, few samples")
     p.add_argument("--keep_runs", action="store_true", help="keep each fine-tuned model folder")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--train_flags", default="",
+                   help='more train.py flags for every fine-tuning, one string: another recipe to ablate '
+                        '(e.g. "--max_steps 250")')
     p.add_argument("--class_samplers", nargs="+", type=sampler_spec, metavar="SCHEDULER:STEPS",
                    help="instead of Tables 3 and 4, compare class-image samplers: one prior-preservation "
                         "fine-tuning per sampler (e.g. ddim:50 dpmpp_2m_karras:20; the first is the reference "
@@ -502,10 +507,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    flags, sizes = TOY_FLAGS, {}
+    flags, sizes = TOY_FLAGS + shlex.split(args.train_flags), {}
     if args.quick:
         args.subjects, args.seeds = args.subjects[:1], args.seeds[:1]
-        flags, sizes = TOY_FLAGS + QUICK_FLAGS, dict(per_context=1, class_images=4, steps=10)
+        flags, sizes = flags + QUICK_FLAGS, dict(per_context=1, class_images=4, steps=10)
     if args.class_samplers:
         return sampler_main(args, out, flags)
     if args.lora:
