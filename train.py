@@ -1466,9 +1466,9 @@ class Distributed:
 # recipe, because the defaults below are for SD at 512 px; a flag given on the command line wins.
 # 50 class images of 15 DPM++ 2M Karras steps, then 2000 training steps at lr 2e-4 with the prior
 # loss weighted 0.3, chosen on all three toy subjects (toy/README.md: at 5e-5 and 1e-4 the subject
-# is barely learned; at the paper's weight 1 the 50 class images pull the fine-tuned subject back
-# towards the class in the contexts its photos never show: the teal ring's white eye took the
-# sky's colour in every sample, and kept it in 7 of 8 at 0.3): under 2 minutes on 2 CPU cores,
+# is barely learned; at the paper's weight 1 the teal ring's white eye took the sky's colour in
+# every sky sample, a context its photos never show, and at 0.3 it kept it in 7 of 8 with seed 0,
+# 4 and 3 of 8 with seeds 1 and 2): under 2 minutes on 2 CPU cores,
 # class images included (README, "Quick start"). fp32: at this size bf16 is no faster on a CPU.
 TOY_RECIPE = dict(resolution=32, num_class_images=50, class_steps=15, class_guidance_scale=5.0, sample_batch_size=25,
                   max_steps=2000, lr=2e-4, prior_loss_weight=0.3, mixed_precision="no", cache_latents=True,
