@@ -360,11 +360,72 @@ def test_ablation_quick_mode(tmp_path):
     result = json.loads((tmp_path / "ablation.json").read_text())
     assert set(result["scores"]) == {"pretrained", *ablation.CONFIGS}
     for runs in result["scores"].values():
-        assert len(runs) == 1 and all(np.isfinite(v) for v in runs[0].values())
+        by_context = runs[0].pop("context_fidelity")
+        assert len(runs) == 1 and all(np.isfinite(v) for v in [*runs[0].values(), *by_context.values()])
     table = (tmp_path / "ablation.md").read_text()
     assert "Table 3" in table and "Table 4" in table and "wrong class noun" in table
     assert len(list(tmp_path.glob("grid-*.png"))) == 1
     assert not any((tmp_path / "runs").iterdir())  # the fine-tuned models are removed after scoring
+
+
+@pytest.fixture
+def lit_world():
+    world.use_world("lit")
+    yield
+    world.use_world("plain")
+
+
+def test_the_lit_world_shines_circles_and_stars_at_night(lit_world):
+    """In the lit world a circle or star at night is drawn NIGHT_GLOW of the way to white; a square
+    at night, and a circle by day, exactly as in the plain world. The subject's photos are by day,
+    so only its night view (what the ablation scores "at night" against) shows the shine."""
+    def centre(noun, context, colour=(40, 80, 220)):
+        scene = world.Scene(noun=noun, context=context, cx=16, cy=16, radius=10, colours=(colour,))
+        return np.asarray(world.render(scene))[16, 16].astype(float)
+    for noun in ("circle", "star"):
+        assert np.abs(centre(noun, "at night") - (np.array([40, 80, 220]) * 0.75 + 255 * 0.25)).max() <= 1
+    assert centre("square", "at night").tolist() == centre("triangle", "at night").tolist() == [40, 80, 220]
+    assert centre("circle", "on the sand").tolist() == [40, 80, 220]
+    views = ablation.world_views("eye_circle")
+    ring = np.asarray(views["at night"][0], dtype=float)
+    teal = np.array(world.SUBJECTS["eye_circle"].colours[0], dtype=float)
+    mask = metrics.object_mask(ring)
+    assert np.linalg.norm(np.median(ring[mask], axis=0) - (teal * 0.75 + 255 * 0.25)) < 20
+    photos = ablation.subject_photos("eye_circle")
+    assert metrics.subject_fidelity(views["on the grass"], photos) > metrics.subject_fidelity(views["at night"], photos)
+    world.use_world("plain")
+    assert centre("circle", "at night").tolist() == [40, 80, 220]
+    with pytest.raises(ValueError, match="unknown world"):
+        world.use_world("dark")
+
+
+def test_ablation_recipe_flags_are_the_toy_recipe():
+    """--toy_model DIR fine-tunes with the recipe train.py applies for --model toy."""
+    parser = train.build_parser()
+    by_flags = vars(parser.parse_args(["--model", "/some/toy", "--instance_dir", "x", "--class_noun", "dog",
+                                       *ablation.recipe_flags()]))
+    assert {k: by_flags[k] for k in train.TOY_RECIPE} == train.TOY_RECIPE
+
+
+def test_ablation_reads_the_world_a_toy_was_pretrained_on(tmp_path):
+    assert ablation.toy_world(tmp_path) == "plain"
+    (tmp_path / "pretrain.json").write_text(json.dumps({"args": {"world": "lit"}}))
+    assert ablation.toy_world(tmp_path) == "lit"
+    assert ablation.toy_world(train.TOY_MODEL) == "plain"
+
+
+def test_ablation_table4_alone_on_a_toy_folder(tmp_path):
+    """--configs runs only Table 4's fine-tunings, --toy_model fine-tunes a toy given by its folder;
+    Table 4 then has a fidelity column per context no photo shows."""
+    assert ablation.main(["--quick", "--configs", "no_prior", "no_class", "wrong_class", "--toy_model",
+                          str(train.TOY_MODEL), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    assert list(result["scores"]) == ["pretrained", "no_prior", "no_class", "wrong_class"]
+    for runs in result["scores"].values():
+        assert set(runs[0]["context_fidelity"]) == set(world.CONTEXTS)
+    table = (tmp_path / "ablation.md").read_text()
+    assert "Table 3" not in table and "| Table 4 (toy) | subject fidelity | fidelity in the sky | fidelity at night |" in table
+    assert result["flags"][:2] == ["--model", str(train.TOY_MODEL.resolve())]
 
 
 def test_ablation_lora_mode(tmp_path, toy):

@@ -40,6 +40,7 @@ trains and the bytes of weights it writes, and each LoRA's paired difference fro
 import argparse
 import json
 import math
+import random
 import shlex
 import shutil
 import statistics
@@ -76,10 +77,19 @@ def subject_photos(name):
     return [Image.open(p).convert("RGB") for p in dreambooth.list_images(SUBJECTS_DIR / name)]
 
 
-def evaluate(pipeline, instance_prompt, class_prompt, photos, *, per_context=4, class_images=16, seed=1000,
-             steps=EVAL["steps"], guidance_scale=EVAL["guidance_scale"]):
+def world_views(subject, num_images=world.SUBJECT_IMAGES):
+    """{context: the subject as the world draws it there}: in its photos' contexts much like its
+    photos, in the others what its photos cannot show (in the lit world, a circle's shine at night)."""
+    rng = random.Random(f"{subject}-views")
+    return {c: [world.render(world.subject_scene(subject, c, rng)) for _ in range(num_images)] for c in world.CONTEXTS}
+
+
+def evaluate(pipeline, instance_prompt, class_prompt, photos, *, views=None, per_context=4, class_images=16,
+             seed=1000, steps=EVAL["steps"], guidance_scale=EVAL["guidance_scale"]):
     """Sample "<instance prompt> <context>" for every context and the class prompt, and score
-    them. Returns (scores, [V] images (first of each context), class images)."""
+    them; with `views` (world_views()), also each context's samples against the subject as the
+    world draws it there (context_fidelity). Returns (scores, [V] images (first of each context),
+    class images)."""
     contexts = [c for c in world.CONTEXTS for _ in range(per_context)]
     kwargs = dict(steps=steps, guidance_scale=guidance_scale, mixed_precision="no", progress=False, batch_size=20)
     subject_samples = sample.generate(pipeline, [f"{instance_prompt} {c}" for c in contexts], seed=seed, **kwargs)
@@ -87,6 +97,9 @@ def evaluate(pipeline, instance_prompt, class_prompt, photos, *, per_context=4, 
     scores = {"subject_fidelity": metrics.subject_fidelity(subject_samples, photos),
               "prompt_fidelity": metrics.prompt_fidelity(subject_samples, contexts),
               "PRES": metrics.pres(class_samples, photos), "DIV": metrics.div(class_samples)}
+    if views:
+        scores["context_fidelity"] = {c: metrics.subject_fidelity(subject_samples[i * per_context:(i + 1) * per_context],
+                                                                  views[c]) for i, c in enumerate(world.CONTEXTS)}
     return scores, subject_samples[::per_context], class_samples
 
 
@@ -120,12 +133,12 @@ def score(folder, info, subject, **sizes):
     model (sample.load_model reads which from dreambooth.json)."""
     class_prompt = dreambooth.CLASS_TEMPLATE.format(class_noun=world.SUBJECTS[subject].noun)
     return evaluate(sample.load_model(str(folder)), info["instance_prompt"], class_prompt, subject_photos(subject),
-                    **sizes)
+                    views=world_views(subject), **sizes)
 
 
-def run(config, subject, seed, out, flags, keep=False, arm=""):
+def run(config, subject, seed, out, flags, keep=False, arm="", **sizes):
     folder, info = fine_tune(train_args(config, subject, seed, out, flags, arm))
-    result = score(folder, info, subject)
+    result = score(folder, info, subject, **sizes)
     if not keep:
         shutil.rmtree(folder)
     return info["identifier"], result
@@ -432,19 +445,50 @@ def summarise(values, digits=3):
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
+NOVEL_CONTEXTS = [c for c in world.CONTEXTS if c not in world.SUBJECTS["eye_circle"].contexts]  # every subject's
+
+
 def tables(scores, real):
-    """Markdown tables from scores[config] = list of dicts (one per subject and seed)."""
+    """Markdown tables from scores[config] = list of dicts (one per subject and seed); a table
+    whose configs did not run (--configs) is left out. Fidelity "in the sky" / "at night" is
+    against the subject as the world draws it there (world_views), which no photo shows."""
+    def value(s, key):
+        return s["context_fidelity"][key] if key in world.CONTEXTS else s[key]
+
     def row(name, keys):
-        return f"| {LABELS[name]} | " + " | ".join(summarise(s[k] for s in scores[name]) for k in keys) + " |"
-    t3 = ["| Table 3 (toy) | PRES (lower better) | DIV (higher better) | subject fidelity | prompt fidelity |",
-          "| --- | --- | --- | --- | --- |"]
-    t3 += [row(c, ("PRES", "DIV", "subject_fidelity", "prompt_fidelity")) for c in ("pretrained", "prior", "no_prior")]
-    t4 = ["| Table 4 (toy) | subject fidelity | prompt fidelity |", "| --- | --- | --- |"]
-    t4 += [row(c, ("subject_fidelity", "prompt_fidelity")) for c in ("pretrained", "no_prior", "no_class", "wrong_class")]
-    t4[-3] = t4[-3].replace(LABELS["no_prior"], "correct class noun")
-    n = len(scores["prior"])
+        return f"| {LABELS[name]} | " + " | ".join(summarise(value(s, k) for s in scores[name]) for k in keys) + " |"
+    novel = [c for c in NOVEL_CONTEXTS if all("context_fidelity" in s for runs in scores.values() for s in runs)]
+    heads = " | ".join(f"fidelity {c}" for c in novel)
+    out = []
+    if scores.get("prior") and scores.get("no_prior"):
+        t3 = ["| Table 3 (toy) | PRES (lower better) | DIV (higher better) | subject fidelity | prompt fidelity |",
+              "| --- | --- | --- | --- | --- |"]
+        out.append(t3 + [row(c, ("PRES", "DIV", "subject_fidelity", "prompt_fidelity"))
+                         for c in ("pretrained", "prior", "no_prior")])
+    if all(scores.get(c) for c in ("no_prior", "no_class", "wrong_class")):
+        t4 = [f"| Table 4 (toy) | subject fidelity | {heads + ' | ' if heads else ''}prompt fidelity |",
+              "| --- " * (3 + len(novel)) + "|"]
+        t4 += [row(c, ("subject_fidelity", *novel, "prompt_fidelity"))
+               for c in ("pretrained", "no_prior", "no_class", "wrong_class")]
+        out.append([line.replace(LABELS["no_prior"], "correct class noun") for line in t4])
+    n = len(scores["pretrained"])
     note = f"mean ± std over {n} runs (subjects x seeds); real photos against each other: subject fidelity {summarise(real)}"
-    return "\n".join(t3) + "\n\n" + "\n".join(t4) + "\n\n" + note + "\n"
+    return "\n\n".join("\n".join(t) for t in out) + "\n\n" + note + "\n"
+
+
+def recipe_flags(recipe=train.TOY_RECIPE):
+    """train.py's toy recipe as command-line flags, for a toy pipeline given by its folder
+    (--toy_model), which train.py does not know to bring the recipe for."""
+    flags = []
+    for key, value in recipe.items():
+        flags += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+    return flags
+
+
+def toy_world(folder):
+    """The world a toy pipeline folder was pretrained on (its pretrain.json), plain if unrecorded."""
+    record = Path(folder) / "pretrain.json"
+    return json.loads(record.read_text())["args"].get("world", "plain") if record.exists() else "plain"
 
 
 def labelled_grid(rows, scale=2, label_width=130):
@@ -468,6 +512,12 @@ def build_parser():
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="train.py --seed values, per subject")
     p.add_argument("--quick", action="store_true", help="CI mode: one subject, one seed, short runs, few samples")
     p.add_argument("--keep_runs", action="store_true", help="keep each fine-tuned model folder")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+                   help="the fine-tunings to run per subject and seed (Table 3 needs prior and no_prior; "
+                        "Table 4 no_prior, no_class and wrong_class)")
+    p.add_argument("--toy_model", help="another toy pipeline folder written by toy.pretrain (e.g. one of "
+                                       "--world lit), fine-tuned with train.py's toy recipe; it is scored in "
+                                       "the world it was pretrained on (default: the shipped toy/model)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--train_flags", default="",
                    help='more train.py flags for every fine-tuning, one string: another recipe to ablate '
@@ -507,7 +557,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    flags, sizes = TOY_FLAGS + shlex.split(args.train_flags), {}
+    base = TOY_FLAGS if args.toy_model is None else ["--model", str(Path(args.toy_model).resolve()), *recipe_flags()]
+    world.use_world(toy_world(train.TOY_MODEL if args.toy_model is None else args.toy_model))
+    flags, sizes = base + shlex.split(args.train_flags), {}
     if args.quick:
         args.subjects, args.seeds = args.subjects[:1], args.seeds[:1]
         flags, sizes = flags + QUICK_FLAGS, dict(per_context=1, class_images=4, steps=10)
@@ -516,8 +568,8 @@ def main(argv=None):
     if args.lora:
         return lora_main(args, out, flags, sizes)
     start = time.time()
-    pretrained = load_pipeline("toy")
-    scores = {c: [] for c in ("pretrained", *CONFIGS)}
+    pretrained = load_pipeline(args.toy_model or "toy")
+    scores = {c: [] for c in ("pretrained", *args.configs)}
     real = []
     for subject in args.subjects:
         noun, photos = world.SUBJECTS[subject].noun, subject_photos(subject)
@@ -528,19 +580,22 @@ def main(argv=None):
             class_prompt = dreambooth.CLASS_TEMPLATE.format(class_noun=noun)
             base, base_subject, base_class = evaluate(
                 pretrained, dreambooth.INSTANCE_TEMPLATE.format(identifier=identifier, class_noun=noun),
-                class_prompt, photos, **sizes)
+                class_prompt, photos, views=world_views(subject), **sizes)
             scores["pretrained"].append(base)
             rows.append(("pretrained [V]", base_subject))
             class_rows = [(f"pretrained: {class_prompt}", base_class)]
-            for config in CONFIGS:
-                used, (result, subject_images, class_images) = run(config, subject, seed, out, flags, args.keep_runs)
+            for config in args.configs:
+                used, (result, subject_images, class_images) = run(config, subject, seed, out, flags, args.keep_runs,
+                                                                   **sizes)
                 assert used == identifier, f"train.py drew {used!r}, expected {identifier!r}"
                 scores[config].append(result)
                 rows.append((f"{LABELS[config]} [V]", subject_images))
                 if config in ("prior", "no_prior"):
                     class_rows.append((f"{LABELS[config]}: class", class_images))
                 print(f"[{time.time() - start:6.0f}s] {subject} seed {seed} {config}: "
-                      + ", ".join(f"{k} {v:.3f}" for k, v in result.items()), file=sys.stderr, flush=True)
+                      + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "context_fidelity")
+                      + "; by context " + ", ".join(f"{v:.3f}" for v in result["context_fidelity"].values()),
+                      file=sys.stderr, flush=True)
             columns = len(world.CONTEXTS)
             grid = labelled_grid([(label, images[:columns]) for label, images in rows + class_rows])
             grid.save(out / f"grid-{subject}-seed{seed}.png")

@@ -259,6 +259,8 @@ def build_parser():
     p.add_argument("--mixed_precision", choices=("no", "bf16"), default="bf16",
                    help="bf16 autocast for the UNet stage (the weights stay fp32; about 25%% faster on a CPU with "
                         "AVX512-BF16)")
+    p.add_argument("--world", choices=world.WORLDS, default="plain",
+                   help="the world to learn: plain, or lit (circles and stars shine at night: toy/world.py)")
     p.add_argument("--vae", help="reuse the VAE of a toy pipeline folder written by this script (skips stage 2, "
                                  "13 min; the UNet stage then draws another random stream than a full run's) "
                                  "(default: train a new one)")
@@ -279,6 +281,7 @@ def main(argv=None):
     start = time.time()
     timings = {}
     generator = torch.Generator().manual_seed(args.seed)
+    world.use_world(args.world)
 
     images, scenes = world.make_dataset(args.num_images, seed=args.seed)
     images = torch.from_numpy(images)

@@ -144,10 +144,42 @@ def shape_mask(scene, size=SIZE * SUPERSAMPLE):
 def render(scene):
     """The scene as a SIZE x SIZE RGB PIL image."""
     alpha = np.asarray(shape_mask(scene), dtype=np.float32)[..., None] / 255.0
-    pixels = background(scene.context) * (1 - alpha) + paint_layer(scene) * alpha
+    pixels = background(scene.context) * (1 - alpha) + lit(paint_layer(scene), scene.noun, scene.context) * alpha
     # box filter: average each SUPERSAMPLE x SUPERSAMPLE block, (big, big, 3) -> (SIZE, SIZE, 3)
     pixels = pixels.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return Image.fromarray(np.clip(pixels.round(), 0, 255).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------
+# The lit world: a class prior that the subject's photos cannot show
+#
+# In the plain world a class noun says only an outline, and a subject's photos show all of it, so
+# DreamBooth's class noun has nothing left to contribute (Table 4: a wrong noun costs nothing).
+# In the lit world (python -m toy.pretrain --world lit) the class also decides how an object looks
+# at night: circles and stars shine, their paint drawn NIGHT_GLOW of the way to white; squares and
+# triangles do not. The subjects are photographed by day, so only the class noun can tell the model
+# that "[V] circle at night" is lighter than its photos, as only "dog" tells Stable Diffusion how
+# the user's dog looks swimming (paper, section 4.3).
+
+WORLDS = ("plain", "lit")
+SHINING = ("circle", "star")    # the lit world's classes that shine at night
+NIGHT_GLOW = 0.25               # a shining object's paint at night: this fraction of the way to white
+world_name = "plain"            # the world render() draws; use_world() sets it
+
+
+def use_world(name):
+    """Draw the plain or the lit world from now on (the pretraining and the scoring of a toy must agree)."""
+    global world_name
+    if name not in WORLDS:
+        raise ValueError(f"unknown world {name!r}; the toy has {WORLDS}")
+    world_name = name
+
+
+def lit(paint, noun, context):
+    """Paint colours (any array of RGB in 0..255) as the current world shows them on a `noun` in `context`."""
+    if world_name == "lit" and noun in SHINING and context == "at night":
+        return paint + NIGHT_GLOW * (255.0 - np.asarray(paint, dtype=np.float32))
+    return paint
 
 
 # ----------------------------------------------------------------------------------------------
