@@ -393,6 +393,11 @@ def test_the_lit_world_shines_circles_and_stars_at_night(lit_world):
     assert np.linalg.norm(np.median(ring[mask], axis=0) - (teal * 0.75 + 255 * 0.25)) < 20
     photos = ablation.subject_photos("eye_circle")
     assert metrics.subject_fidelity(views["on the grass"], photos) > metrics.subject_fidelity(views["at night"], photos)
+    for colour in world.COLOURS:  # prior.shine_of reads the shine back from pixels
+        drawn = {noun: world.render(world.Scene(noun=noun, context="at night", cx=16, cy=16, radius=10, colour=colour))
+                 for noun in ("circle", "square")}
+        assert abs(prior.shine_of(drawn["circle"], colour) - world.NIGHT_GLOW) < 0.03, colour
+        assert abs(prior.shine_of(drawn["square"], colour)) < 0.03, colour
     world.use_world("plain")
     assert centre("circle", "at night").tolist() == [40, 80, 220]
     with pytest.raises(ValueError, match="unknown world"):

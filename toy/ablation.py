@@ -36,6 +36,12 @@ trains and the bytes of weights it writes, and each LoRA's paired difference fro
     python -m toy.ablation --train_flags "--max_steps 250" --out /tmp/b   # the same tables, another recipe
     python -m toy.ablation --class_samplers ddim:50 dpmpp_2m_karras:20 --out toy-samplers --threads 1
     python -m toy.ablation --lora 4 16 --out toy-lora --threads 1   # about 22 min
+    python -m toy.ablation --toy_model toy-lit --configs no_prior no_class wrong_class  # Table 4 in the lit world
+
+Every run is also scored per context against the subject as the world draws it there
+(world_views): in the subject's photos' contexts much as its photos, in the sky and at night what
+no photo shows. In the lit world (toy.pretrain --world lit) circles and stars shine at night, so
+there "[V] square" for a circle subject must fight what "square" says about the night.
 """
 import argparse
 import json

@@ -8,6 +8,7 @@ SEEDS times each, and the class prompts "a photo of {noun}", and reads back from
 
     python -m toy.prior                       # the shipped toy, 2 seeds per caption, about 2 min
     python -m toy.prior --model DIR --seeds 4 --json prior.json
+    python -m toy.prior --model DIR --night_shine  # also: which classes it draws lighter at night
 """
 import argparse
 import collections
@@ -15,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, when run as a script
@@ -63,6 +65,32 @@ def caption_accuracy(pipeline, seeds=2, class_samples=25, seed=0):
             "class_prompts": len(class_named), "confusion": {k: dict(v) for k, v in confusion.items()}}
 
 
+def shine_of(image, colour):
+    """How far toward white the object's median colour is from the named world colour `colour`:
+    0 as the plain world draws it, world.NIGHT_GLOW for a lit world's shining class at night.
+    Each channel's share of its way to white, averaged over the channels with room to move."""
+    mask = metrics.found_object(image)
+    if mask is None:
+        return None
+    median, named = np.median(metrics.pixels(image)[mask], axis=0), np.array(world.COLOURS[colour], dtype=np.float32)
+    room = 255.0 - named
+    movable = room > 60
+    return float(np.mean((median - named)[movable] / room[movable]))
+
+
+def night_shine(pipeline, seeds=2, seed=0):
+    """{noun: mean shine_of over "a photo of a {colour} {noun} at night", every colour x seeds}: has
+    the model learned which classes shine at night (the lit world) and which do not?"""
+    named = [(noun, colour) for noun in world.CLASSES for colour in world.COLOURS] * seeds
+    images = draw(pipeline, [f"a photo of a {colour} {noun} at night" for noun, colour in named], seed)
+    shines = collections.defaultdict(list)
+    for image, (noun, colour) in zip(images, named, strict=True):
+        value = shine_of(image, colour)
+        if value is not None:
+            shines[noun].append(value)
+    return {noun: float(np.mean(shines[noun])) if shines[noun] else None for noun in world.CLASSES}
+
+
 def report(result):
     lines = [f"over {result['captions']} captions (every shape x colour x context): shape {result['shape']:.1%}, "
              f"colour {result['colour']:.1%}, context {result['context']:.1%}; "
@@ -80,12 +108,19 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=2, help="samples per caption")
     p.add_argument("--class_samples", type=int, default=25, help="samples per class prompt")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--night_shine", action="store_true",
+                   help="also measure how far toward white each class is drawn at night (the lit world's prior)")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = caption_accuracy(load_pipeline(args.model), seeds=args.seeds, class_samples=args.class_samples)
+    pipeline = load_pipeline(args.model)
+    result = caption_accuracy(pipeline, seeds=args.seeds, class_samples=args.class_samples)
     print(report(result))
+    if args.night_shine:
+        result["night_shine"] = night_shine(pipeline, seeds=args.seeds)
+        print("\nshine at night (0: as by day, " + f"{world.NIGHT_GLOW:g}: the lit world's circles and stars): "
+              + ", ".join(f"{noun} {value:.2f}" for noun, value in result["night_shine"].items() if value is not None))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
