@@ -391,6 +391,9 @@ def test_the_lit_world_shines_circles_and_stars_at_night(lit_world):
     teal = np.array(world.SUBJECTS["eye_circle"].colours[0], dtype=float)
     mask = metrics.object_mask(ring)
     assert np.linalg.norm(np.median(ring[mask], axis=0) - (teal * 0.75 + 255 * 0.25)) < 20
+    subject = world.SUBJECTS["eye_circle"]
+    assert all(abs(metrics.shine(im, subject) - world.NIGHT_GLOW) < 0.05 for im in views["at night"])
+    assert all(abs(metrics.shine(im, subject)) < 0.05 for im in views["on the grass"])
     photos = ablation.subject_photos("eye_circle")
     assert metrics.subject_fidelity(views["on the grass"], photos) > metrics.subject_fidelity(views["at night"], photos)
     for colour in world.COLOURS:  # prior.shine_of reads the shine back from pixels
@@ -431,6 +434,7 @@ def test_ablation_table4_alone_on_a_toy_folder(tmp_path):
     table = (tmp_path / "ablation.md").read_text()
     assert "Table 3" not in table and "| Table 4 (toy) | subject fidelity | fidelity in the sky | fidelity at night |" in table
     assert result["flags"][:2] == ["--model", str(train.TOY_MODEL.resolve())]
+    assert all(np.isfinite(runs[0]["night_shine"]) for runs in result["scores"].values()) and "shine at night |" in table
 
 
 def test_ablation_lora_mode(tmp_path, toy):

@@ -90,11 +90,12 @@ def world_views(subject, num_images=world.SUBJECT_IMAGES):
     return {c: [world.render(world.subject_scene(subject, c, rng)) for _ in range(num_images)] for c in world.CONTEXTS}
 
 
-def evaluate(pipeline, instance_prompt, class_prompt, photos, *, views=None, per_context=4, class_images=16,
-             seed=1000, steps=EVAL["steps"], guidance_scale=EVAL["guidance_scale"]):
+def evaluate(pipeline, instance_prompt, class_prompt, photos, *, views=None, subject=None, per_context=4,
+             class_images=16, seed=1000, steps=EVAL["steps"], guidance_scale=EVAL["guidance_scale"]):
     """Sample "<instance prompt> <context>" for every context and the class prompt, and score
     them; with `views` (world_views()), also each context's samples against the subject as the
-    world draws it there (context_fidelity). Returns (scores, [V] images (first of each context),
+    world draws it there (context_fidelity); with `subject` (a name), also how far toward white
+    its night samples are drawn (night_shine: metrics.shine). Returns (scores, [V] images (first of each context),
     class images)."""
     contexts = [c for c in world.CONTEXTS for _ in range(per_context)]
     kwargs = dict(steps=steps, guidance_scale=guidance_scale, mixed_precision="no", progress=False, batch_size=20)
@@ -106,6 +107,11 @@ def evaluate(pipeline, instance_prompt, class_prompt, photos, *, views=None, per
     if views:
         scores["context_fidelity"] = {c: metrics.subject_fidelity(subject_samples[i * per_context:(i + 1) * per_context],
                                                                   views[c]) for i, c in enumerate(world.CONTEXTS)}
+    if subject:
+        night = list(world.CONTEXTS).index("at night")
+        shines = [metrics.shine(im, world.SUBJECTS[subject]) for im in subject_samples[night * per_context:(night + 1) * per_context]]
+        shines = [v for v in shines if v is not None]
+        scores["night_shine"] = statistics.fmean(shines) if shines else float("nan")
     return scores, subject_samples[::per_context], class_samples
 
 
@@ -139,7 +145,7 @@ def score(folder, info, subject, **sizes):
     model (sample.load_model reads which from dreambooth.json)."""
     class_prompt = dreambooth.CLASS_TEMPLATE.format(class_noun=world.SUBJECTS[subject].noun)
     return evaluate(sample.load_model(str(folder)), info["instance_prompt"], class_prompt, subject_photos(subject),
-                    views=world_views(subject), **sizes)
+                    views=world_views(subject), subject=subject, **sizes)
 
 
 def run(config, subject, seed, out, flags, keep=False, arm="", **sizes):
@@ -472,10 +478,11 @@ def tables(scores, real):
         out.append(t3 + [row(c, ("PRES", "DIV", "subject_fidelity", "prompt_fidelity"))
                          for c in ("pretrained", "prior", "no_prior")])
     if all(scores.get(c) for c in ("no_prior", "no_class", "wrong_class")):
-        t4 = [f"| Table 4 (toy) | subject fidelity | {heads + ' | ' if heads else ''}prompt fidelity |",
-              "| --- " * (3 + len(novel)) + "|"]
-        t4 += [row(c, ("subject_fidelity", *novel, "prompt_fidelity"))
-               for c in ("pretrained", "no_prior", "no_class", "wrong_class")]
+        arms = ("pretrained", "no_prior", "no_class", "wrong_class")
+        shine = ["night_shine"] if all("night_shine" in s for c in arms for s in scores[c]) else []
+        t4 = [f"| Table 4 (toy) | subject fidelity | {heads + ' | ' if heads else ''}prompt fidelity |"
+              + (" shine at night |" if shine else ""), "| --- " * (3 + len(novel) + len(shine)) + "|"]
+        t4 += [row(c, ("subject_fidelity", *novel, "prompt_fidelity", *shine)) for c in arms]
         out.append([line.replace(LABELS["no_prior"], "correct class noun") for line in t4])
     n = len(scores["pretrained"])
     note = f"mean ± std over {n} runs (subjects x seeds); real photos against each other: subject fidelity {summarise(real)}"
@@ -586,7 +593,7 @@ def main(argv=None):
             class_prompt = dreambooth.CLASS_TEMPLATE.format(class_noun=noun)
             base, base_subject, base_class = evaluate(
                 pretrained, dreambooth.INSTANCE_TEMPLATE.format(identifier=identifier, class_noun=noun),
-                class_prompt, photos, views=world_views(subject), **sizes)
+                class_prompt, photos, views=world_views(subject), subject=subject, **sizes)
             scores["pretrained"].append(base)
             rows.append(("pretrained [V]", base_subject))
             class_rows = [(f"pretrained: {class_prompt}", base_class)]

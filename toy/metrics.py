@@ -178,6 +178,24 @@ def keeps_paint(image, subject):
     return True
 
 
+def shine(image, subject):
+    """How far toward white the object shows the subject's colours (subject: a world.Subject),
+    where its pattern puts them: each paint region's median, each channel's share of its way from
+    the subject's colour to white, averaged over the channels with room to move (more than 60).
+    0 drawn as in its photos, world.NIGHT_GLOW as the lit world draws a circle at night; None: no
+    object found."""
+    mask = found_object(image)
+    if mask is None:
+        return None
+    a, shares = pixels(image), []
+    for region, colour in zip(paint_regions(mask, subject.paint), subject.colours, strict=True):
+        colour = np.array(colour, dtype=np.float32)
+        room = 255.0 - colour
+        if region.any() and (room > 60).any():
+            shares += list(((np.median(a[region], axis=0) - colour) / room)[room > 60])
+    return float(np.mean(shares)) if shares else None
+
+
 def similarity(a, b):
     """1 - mean absolute difference of two appearances (arrays from appearance())."""
     return 1.0 - float(np.abs(a - b).mean())
